@@ -180,16 +180,23 @@ def args_from_hf(cfg: dict) -> ModelArgs:
 
 
 def _meta_hidden_dims(p: dict) -> tuple[int, int]:
-    """Meta's sizing rule (params.json has no hidden sizes): SwiGLU 2/3, a multiplier, round up to multiple_of.
-    The expert width is further divided by (capacity_factor + 1) when auto_scale_F is set."""
-    mult, multiple_of = p.get("ffn_dim_multiplier") or 1.0, p.get("multiple_of", 256)
-    round_up = lambda h: (h + multiple_of - 1) // multiple_of * multiple_of  # noqa: E731
-    dense = round_up(int(mult * int(2 * 4 * p["dim"] / 3)))
+    """Meta's sizing rule (params.json has no hidden sizes): 2/3 of 4*dim (or ffn_exp*dim for experts) for
+    SwiGLU, times ffn_dim_multiplier, experts further divided by capacity_factor + 1 (auto_scale_F), each step
+    truncated to an int, then rounded up to a multiple of multiple_of. Scout: 16384 dense, 8192 experts."""
+    mult, multiple_of = p.get("ffn_dim_multiplier"), p.get("multiple_of", 256)
     moe = p.get("moe_args") or {}
-    expert = int(mult * int(2 * int(p.get("ffn_exp") or 4) * p["dim"] / 3))
-    if moe.get("auto_scale_F", True):
-        expert = int(expert / (moe.get("capacity_factor", 1.0) + 1))
-    return dense, round_up(expert)
+
+    def size(h: int, denom: float = 1.0) -> int:
+        h = int(2 * h / 3)
+        if mult is not None:
+            h = int(mult * h)
+        h = int(h / denom)
+        return (h + multiple_of - 1) // multiple_of * multiple_of
+
+    dense = size(int(4 * p["dim"]))
+    denom = moe.get("capacity_factor", 1.0) + 1 if moe.get("auto_scale_F", True) else 1.0
+    expert = size(int((p.get("ffn_exp") or 4.0) * p["dim"]), denom)
+    return dense, expert
 
 
 def args_from_meta(p: dict) -> ModelArgs:
