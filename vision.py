@@ -93,6 +93,8 @@ def load_image(source) -> Image.Image:
     except OSError as e:
         raise ImageError(f"{name}: cannot open image ({e})") from None
     width, height = image.size
+    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+        image.close()
     if width < 1 or height < 1:
         raise ImageError(f"{name}: image has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
@@ -124,8 +126,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit greyscale
         values = np.asarray(image, dtype=np.float64).clip(0, 65535)
         image = Image.fromarray(np.rint(values / 257.0).astype(np.uint8))  # 65535 -> 255
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA") if image.mode != "La" else image.convert("LA").convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
@@ -337,21 +339,23 @@ class Adapter(nn.Module):
 class VisionModel(nn.Module):
     """Tiles (N, 3, 336, 336) -> features (N, 144, text_dim) for the `<|patch|>` positions.
 
-    Our parameter names and the checkpoints' (J = layer; see `vision_key_from_hf/_meta`):
+    Our parameter names and the checkpoints' (code: `vision_key_from_hf`, `vision_key_from_meta`).
+    Shorthands: V = `vision_model.`, L = `vision_model.model.layers.J.`,
+    E = `vision_embeddings.vision_encoder.`, R = `vision_embeddings.vision_encoder.transformer.resblocks.J.`,
+    A = `vision_embeddings.vision_adapter.mlp.`; `*` = weight and bias.
 
-    | ours                         | HF (`vision_model.` unless noted)              | Meta (`vision_embeddings.vision_encoder.` unless noted) |
-    |------------------------------|------------------------------------------------|--------------------------------------------|
-    | patch_embedding.weight       | patch_embedding.linear.weight  [dim, 3*14*14]  | conv1._linear.weight                       |
-    | class_embedding              | class_embedding  [dim]                         | class_embedding                            |
-    | positional_embedding         | positional_embedding_vlm  [577, dim], CLS last | positional_embedding_vlm                   |
-    | ln_pre.{weight,bias}         | layernorm_pre.*                                | ln_pre.*                                   |
-    | layers.J.attn_norm.*         | model.layers.J.input_layernorm.*               | transformer.resblocks.J.ln_1.*             |
-    | layers.J.attn.w{q,k,v,o}.*   | model.layers.J.self_attn.{q,k,v,o}_proj.*      | transformer.resblocks.J.attn.w{q,k,v,o}.*  |
-    | layers.J.mlp_norm.*          | model.layers.J.post_attention_layernorm.*      | transformer.resblocks.J.ln_2.*             |
-    | layers.J.mlp.fc{1,2}.*       | model.layers.J.mlp.fc{1,2}.*                   | transformer.resblocks.J.mlp.c_{fc,proj}.*  |
-    | ln_post.{weight,bias}        | layernorm_post.*                               | ln_post.*                                  |
-    | adapter.fc{1,2}.weight       | vision_adapter.mlp.fc{1,2}.weight              | `vision_embeddings.vision_adapter.mlp.c_{fc,proj}.weight` |
-    | projector.weight             | `multi_modal_projector.linear_1.weight`        | `vision_projection.weight`                 |
+    | ours                        | HF                                 | Meta                        |
+    |-----------------------------|------------------------------------|-----------------------------|
+    | patch_embedding.weight      | V patch_embedding.linear.weight    | E conv1._linear.weight      |
+    | class_embedding             | V class_embedding                  | E class_embedding           |
+    | positional_embedding        | V positional_embedding_vlm         | E positional_embedding_vlm  |
+    | ln_pre.*, ln_post.*         | V layernorm_pre.*, layernorm_post.*| E ln_pre.*, ln_post.*       |
+    | layers.J.attn_norm.*        | L input_layernorm.*                | R ln_1.*                    |
+    | layers.J.attn.w{q,k,v,o}.*  | L self_attn.{q,k,v,o}_proj.*       | R attn.w{q,k,v,o}.*         |
+    | layers.J.mlp_norm.*         | L post_attention_layernorm.*       | R ln_2.*                    |
+    | layers.J.mlp.fc1.*, fc2.*   | L mlp.fc1.*, mlp.fc2.*             | R mlp.c_fc.*, mlp.c_proj.*  |
+    | adapter.fc1.weight, fc2     | V vision_adapter.mlp.fc1.weight,fc2| A c_fc.weight, c_proj.weight|
+    | projector.weight            | multi_modal_projector.linear_1.weight | vision_projection.weight |
     """
 
     def __init__(self, args: VisionArgs):
