@@ -457,3 +457,10 @@ def test_cli_writes_png_and_runs_debug_encoder(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert vision.main([str(bad), "--out", str(out)]) == 1
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_full_size_parameter_count():
+    """Scout/Maverick vision tower + projector: 0.872B parameters (facts sheet, counted by transformers)."""
+    with torch.device("meta"):
+        model = vision.VisionModel(vision.VisionArgs())
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 3) == 0.872
