@@ -190,7 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "streaming the text to stdout.")
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint directory (HF, Meta or native)")
-    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json (default: found in --ckpt)")
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json, or a directory holding one (default: --ckpt)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bf16 on cuda, fp32 on cpu)")
@@ -207,10 +207,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"an image for the prompt (repeatable, up to {MAX_IMAGES}; not yet supported)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most new tokens per prompt (256)")
-    g.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, as the models ship)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, 1 = off (default 0.9)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed: same seed, same text (default: random)")
+    g.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 = greedy (default 0.6, as the models ship)")
+    g.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass, 1 = off (default 0.9)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens only (off)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed: same seed, same text (default: random)")
     g.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + new tokens (default and ceiling: the model's); "
                         f"also the KV cache size of the interactive chat (default {CHAT_CONTEXT})")
@@ -251,9 +251,7 @@ def check_flags(a: argparse.Namespace) -> None:
 
 def load_tokenizer(a: argparse.Namespace) -> Tokenizer:
     try:
-        if a.tokenizer:
-            return Tokenizer.from_file(a.tokenizer)
-        return Tokenizer.find(a.ckpt)
+        return Tokenizer.find(a.tokenizer or a.ckpt)  # a file, or a directory to look in
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
 
@@ -309,6 +307,8 @@ def load(a: argparse.Namespace):
         return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize)
     except (checkpoint.CheckpointError, FileNotFoundError, NotImplementedError) as e:
         raise CliError(f"cannot load {a.ckpt}: {e}") from None
+    except ImportError as e:  # --quantize needs quantize.py
+        raise CliError(f"--quantize {a.quantize} is not available: {e}") from None
 
 
 def model_context(a: argparse.Namespace) -> int:
@@ -457,3 +457,6 @@ if __name__ == "__main__":
         sys.exit("error: out of memory (try --quantize, a smaller --max-seq-len or fewer prompts)")
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `| head`: stop quietly, without a second error when Python flushes stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -3,6 +3,7 @@ batching against decoding alone, the chat cache against a fresh prefill, and the
 
 import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ from tokenizer import DEBUG_TOKENIZER_PATH, Tokenizer  # noqa: E402
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4, top_k=1, moe_hidden_dim=64,
             ffn_hidden_dim=128, interleave_moe_layer_step=2, attention_chunk_size=16, floor_scale=16.0,
             rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=64))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and torch's thread pool spins badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +158,8 @@ def test_chat_cache_continues_like_a_fresh_prefill(tiny_model):
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--device", "cpu", *args], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def finish(proc: subprocess.Popen, stdin: str | None = None) -> tuple[int, str, str]:
