@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from model import ModelArgs, Transformer
+from moe import MoE
 
 
 class CheckpointError(ValueError):
@@ -235,11 +236,34 @@ def args_from_native(d: dict) -> ModelArgs:
     return ModelArgs(**d)
 
 
+def vision_args_from_hf(v: dict, text_dim: int):
+    """HF vision_config -> VisionArgs. Our adapter is one width (HF: projector_input_dim = projector_output_dim
+    = vision_output_dim = 4096 in the released configs); a config where they differ is not Llama 4's."""
+    from vision import VisionArgs
+    widths = {v.get(k, 4096) for k in ("projector_input_dim", "projector_output_dim", "vision_output_dim")}
+    if len(widths) != 1:
+        raise CheckpointError(f"vision_config: projector/adapter widths differ {sorted(widths)}")
+    rope = v.get("rope_parameters") or {}
+    return VisionArgs(image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
+                      dim=v["hidden_size"], n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
+                      mlp_dim=v["intermediate_size"], pixel_shuffle_ratio=v.get("pixel_shuffle_ratio", 0.5),
+                      adapter_dim=widths.pop(), text_dim=text_dim,
+                      rope_theta=rope.get("rope_theta", v.get("rope_theta", 10000.0)), norm_eps=v.get("norm_eps", 1e-5))
+
+
+def vision_args_from_meta(v: dict, text_dim: int):
+    """Meta params.json vision_args -> VisionArgs (sizes given as {height, width}; MLP width = mlp_ratio * dim)."""
+    from vision import VisionArgs
+    side = lambda s: s["height"] if isinstance(s, dict) else s  # noqa: E731
+    return VisionArgs(image_size=side(v["image_size"]), patch_size=side(v["patch_size"]), dim=v["dim"],
+                      n_layers=v["n_layers"], n_heads=v["n_heads"], mlp_dim=int(v["mlp_ratio"] * v["dim"]),
+                      pixel_shuffle_ratio=v["pixel_shuffle_ratio"], adapter_dim=v["output_dim"], text_dim=text_dim)
+
+
 def _vision_args(path: Path, layout: str, cfg: dict, text: ModelArgs):
-    from vision import vision_args_from_hf, vision_args_from_meta
     if layout == "hf":
         if "vision_config" not in cfg:
-            raise CheckpointError(f"{path}: has no vision_config: a text-only checkpoint")
+            raise CheckpointError(f"{path}: config.json has no vision_config: a text-only checkpoint")
         return vision_args_from_hf(cfg["vision_config"], text.dim)
     if not cfg.get("vision_args"):
         raise CheckpointError(f"{path}: params.json has no vision_args: a text-only checkpoint")
@@ -314,8 +338,10 @@ def hf_pieces(key: str, vision: bool) -> list[Piece] | None:
         if not vision:
             return None
         from vision import vision_key_from_hf
-        ours = vision_key_from_hf(key)
-        return [("vision." + ours, _same)] if ours else []
+        try:
+            return [("vision." + vision_key_from_hf(key), _same)]
+        except KeyError:
+            return []  # unknown: reported as unexpected
     key = key.removeprefix("language_model.")
     m = re.fullmatch(r"model\.layers\.(\d+)\.feed_forward\.experts\.gate_up_proj", key)
     if m:  # (E, D, 2F): gate (w1) first, then up (w3)
@@ -353,9 +379,14 @@ def meta_merge(key: str, shards: list[torch.Tensor], args: ModelArgs, vision: bo
     if key.startswith(("vision_embeddings.", "vision_projection.")):
         if not vision:
             return None
-        from vision import vision_key_from_meta
-        ours, dim = vision_key_from_meta(key)
-        return [("vision." + ours, shards[0] if dim is None else torch.cat(shards, dim))] if ours else []
+        from vision import vision_key_from_meta, vision_meta_shard_dim
+        try:
+            ours, dim = vision_key_from_meta(key), vision_meta_shard_dim(key)
+        except KeyError:
+            return []  # unknown: reported as unexpected
+        if ours is None:
+            return None
+        return [("vision." + ours, shards[0] if dim is None else torch.cat(shards, dim))]
     E, D = args.n_experts, args.dim
     m = re.fullmatch(r"layers\.(\d+)\.(attention\.wqkv\.weight|feed_forward\.mlp\.fc1_weight|"
                      r"feed_forward\.router_DE|feed_forward\.experts\.(moe_w_in_eD_F|moe_w_swiglu_eD_F|moe_w_out_eF_D))", key)
@@ -449,6 +480,15 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
         module._buffers[leaf] = t
 
 
+def _native_quantization(path: Path) -> dict | None:
+    """The settings of a native checkpoint written by quantize.py (safetensors metadata), else None."""
+    f = path / "model.safetensors"
+    if not f.is_file() or not SafetensorsFile(f).metadata.get("quantization"):
+        return None
+    from quantize import stored_quantization
+    return stored_quantization(SafetensorsFile(f).metadata)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                vision: bool = False, quantize: str | None = None, group_size: int = 128) -> Transformer:
     """Build a Transformer from a checkpoint directory in any of the three layouts, in eval mode.
@@ -463,6 +503,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     args = load_args(path, vision=vision)
     with torch.device("meta"):
         model = Transformer(args)
+    stored = _native_quantization(path) if layout == "native" else None
+    if stored:  # written by quantize.py: swap in the quantized modules, then load their packed tensors strictly
+        from quantize import swap_in_quantized
+        if quantize and quantize != stored["mode"]:
+            raise CheckpointError(f"{path} is already quantized to {stored['mode']}; it cannot be loaded as {quantize}")
+        swap_in_quantized(model, stored["mode"], stored["group_size"], stored["targets"])
+        quantize = None
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
     store = _assign
@@ -488,7 +535,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                                   f"(config says dim {args.dim}, {args.n_experts} experts)")
         if ours in loaded:
             raise CheckpointError(f"{key}: {ours} appears twice in the checkpoint")
-        target_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        packed = stored and ours.endswith((".qweight", ".scale"))  # quantized tensors keep their dtype
+        target_dtype = dtype if dtype is not None and t.is_floating_point() and not packed else t.dtype
         store(model, ours, torch.empty(t.shape, dtype=target_dtype, device=device).copy_(t))  # one copy
         loaded.add(ours)
         if done is not None:
@@ -503,10 +551,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         if name not in loaded:
             _assign(model, name, torch.zeros(shape, device=device,
                                              dtype=dtype if dtype is not None else torch.float32))
-    for m in model.modules():  # non-persistent bookkeeping buffers (MoE load counts)
-        for n, b in list(m._buffers.items()):
-            if b is not None and b.is_meta:
-                m._buffers[n] = torch.zeros(b.shape, device=device, dtype=torch.float32)
+    for m in model.modules():  # the MoE load counters: training bookkeeping, not in any checkpoint
+        if isinstance(m, MoE):
+            m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a model tensor that no checkpoint fills: a bug in this file, not in the checkpoint
+        raise CheckpointError(f"internal: tensors left without values after loading: {left[:5]}")
     return model.eval()
 
 

@@ -268,6 +268,12 @@ class Transformer(nn.Module):
         p = self.output.weight
         return Cache(self.args, batch, max_len, p.dtype, p.device)
 
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tiles (N, 3, 336, 336) -> features (N * 144, dim), in the order their <|patch|> tokens come."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder (load the checkpoint with vision=True)")
+        return self.vision(pixels).flatten(0, 1)
+
     def embed(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings, with image features (n, dim) in place of the n `<|patch|>` tokens, in order."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
@@ -349,8 +355,8 @@ def main() -> None:
     a = p.parse_args()
     args = FLAVORS[a.flavor]
     if not a.text_only:
-        from vision import VISION_FLAVORS
-        args = replace(args, vision=VISION_FLAVORS["debug" if a.flavor == "debug" else "llama4"])
+        from vision import VisionArgs
+        args = replace(args, vision=VisionArgs.debug(args.dim) if a.flavor == "debug" else VisionArgs(text_dim=args.dim))
     with torch.device("meta"):
         model = Transformer(args)
     c = param_counts(model)

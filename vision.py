@@ -370,9 +370,6 @@ class VisionModel(nn.Module):
         self.ln_post = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.adapter = Adapter(args)
         self.projector = nn.Linear(args.adapter_dim, args.text_dim, bias=False)
-        angles = rope_2d_angles(args)  # (grid^2 + 1, head_dim / 2)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, grid^2, dim): the ViT, class token dropped."""
@@ -385,8 +382,12 @@ class VisionModel(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([x, cls], dim=1) + self.positional_embedding  # (N, grid^2 + 1, dim), CLS LAST
         x = self.ln_pre(x)
+        # The 2D RoPE angles are a fixed function of the config, computed here rather than kept in a buffer
+        # (a model built on the meta device and then loaded from a checkpoint has no values for buffers).
+        angles = rope_2d_angles(a).to(x.device)  # (grid^2 + 1, head_dim / 2)
+        cos, sin = angles.cos(), angles.sin()
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+            x = layer(x, cos, sin)
         return self.ln_post(x)[:, :-1]  # (N, grid^2, dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
