@@ -579,8 +579,9 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: str 
         (tmp / "llama4.json").write_text(json.dumps(cfg, indent=2))
         state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / Path(tokenizer).name)
+        if tokenizer is not None:  # under the name tokenizer.Tokenizer.find looks for
+            name = "tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"
+            shutil.copyfile(tokenizer, tmp / name)
         for f in tmp.iterdir():  # the bytes must be on disk before a rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

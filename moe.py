@@ -90,14 +90,14 @@ class MoE(nn.Module):
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Run each token through only its chosen experts, grouped by expert.
 
-        The N*k (token, expert) pairs are sorted by expert, so each expert sees one contiguous block of
-        gated inputs; the results are added back to their tokens' rows.
+        The N*k (token, expert) pairs are sorted by expert, so each expert multiplies one contiguous block of
+        gated inputs; un-sorting the results puts each pair back in its token's row, and a token's k expert
+        outputs are summed.
         """
-        flat_ids = ids.flatten()  # (N*k,)
-        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-        token_of_pair = order // self.top_k  # which row of x each sorted pair belongs to
-        routed_in = x[token_of_pair] * gates.flatten()[order, None]  # (N*k, D): the gate scales the input
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        N, k = ids.shape
+        order = torch.argsort(ids.flatten(), stable=True)  # (N*k,) pairs grouped by expert
+        routed_in = x[order // k] * gates.flatten()[order, None]  # (N*k, D): the gate scales the input
+        counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
@@ -105,8 +105,10 @@ class MoE(nn.Module):
                 start += n
         if not outs:  # no tokens at all
             return torch.zeros_like(x)
-        routed_out = torch.cat(outs)  # (N*k, D), still sorted by expert
-        return torch.zeros_like(x).index_add_(0, token_of_pair, routed_out)
+        routed_out = torch.cat(outs)  # (N*k, D), sorted by expert
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(N * k, device=order.device)
+        return routed_out[unsort].view(N, k, -1).sum(1)  # (N, D)
 
 
 @torch.no_grad()
