@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import (CheckpointError, _assign, _hf_files, _same, _stream_safetensors, _torch_load,
+from checkpoint import (CheckpointError, SafetensorsFile, _assign, _hf_files, _same, _stream_safetensors, _torch_load,
                         detect_layout, hf_pieces, load_args, meta_merge, release)
 from model import Cache, ModelArgs, Transformer
 from moe import Experts, FeedForward, MoE
@@ -363,6 +363,9 @@ def load_sharded(path: str | os.PathLike, rank: int, world: int, device: str | t
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     layout = detect_layout(path)
+    if layout == "native" and SafetensorsFile(path / "model.safetensors").metadata.get("quantization"):
+        raise CheckpointError(f"{path}: a quantized checkpoint cannot be loaded split over ranks "
+                              "(load the unquantized one)")
     args = load_args(path, vision=vision)
     plan = Plan(rank, world, tp, ep, group)
     with torch.device("meta"):
@@ -428,6 +431,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return out if plan.rank == 0 else None
 
 
+def gather_model(model: Transformer) -> Transformer | None:
+    """The whole, uncut model on rank 0's CPU (None elsewhere): what save_checkpoint should be given."""
+    state = full_state_dict(model)
+    if state is None:
+        return None
+    with torch.device("meta"):
+        whole = Transformer(model.args)
+    whole.load_state_dict(state, strict=True, assign=True)
+    for m in whole.modules():  # the MoE load counters are bookkeeping, not state
+        if isinstance(m, MoE):
+            m.tokens_per_expert = torch.zeros(m.n_experts)
+    return whole.eval()
+
+
 def param_bytes(model: nn.Module) -> int:
     """Bytes of this rank's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -451,6 +468,10 @@ def greedy(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[list[i
     return tokens, first
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Load a Llama 4 checkpoint split over the ranks of a torchrun job "
                                             "(tensor + expert parallel), print each rank's share of the "
@@ -471,7 +492,7 @@ def main() -> None:
         model = load_sharded(a.ckpt, rank, world, device, dtype, tp=not a.no_tp, ep=not a.no_ep)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error (rank {rank}): {e}")
-    print(f"rank {rank}/{world}: {param_bytes(model) / 2**30:.3f} GiB of parameters on {device}", flush=True)
+    print(f"rank {rank}/{world}: {_size(param_bytes(model))} of parameters on {device}", flush=True)
     prompt = torch.randint(0, model.args.vocab_size, (1, a.tokens), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     tokens, logits = greedy(model, prompt, a.steps)
@@ -482,7 +503,7 @@ def main() -> None:
         whole = load_model(a.ckpt, device=device, dtype=dtype)
         ref_tokens, ref_logits = greedy(whole, prompt, a.steps)
         diff = (logits.float() - ref_logits.float()).abs().max().item()
-        print(f"one process: {param_bytes(whole) / 2**30:.3f} GiB; max |logits diff| {diff:.2e}; "
+        print(f"one process: {_size(param_bytes(whole))}; max |logits diff| {diff:.2e}; "
               f"greedy tokens {'equal' if tokens == ref_tokens else f'DIFFER: {ref_tokens}'}")
     if dist.is_initialized():
         dist.destroy_process_group()

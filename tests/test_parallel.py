@@ -147,7 +147,7 @@ def _worker(rank: int, root: str, init_file: str) -> None:
     torch.set_num_threads(1)
     r, n, device = parallel.init_distributed(init_method=f"file://{init_file}")
     assert (r, n, device.type) == (rank, N, "cpu") and torch.distributed.get_backend() == "gloo"
-    results = {}
+    results = {"seed": torch.tensor(parallel.from_rank0(1000 + rank))}  # every rank gets rank 0's
     for name, ckpt, tp, ep in SCENARIOS:
         model = parallel.load_sharded(Path(root) / ckpt, rank, N, "cpu", torch.float32, tp=tp, ep=ep)
         tokens, logits = greedy_with_cache(model, prompt(), STEPS)
@@ -157,8 +157,12 @@ def _worker(rank: int, root: str, init_file: str) -> None:
             res["grads"] = {n_: p.grad for n_, p in model.named_parameters()}
             res["grad_norm"] = parallel.clip_grad_norm_(model, max_norm=1e9)
             full = parallel.full_state_dict(model)
+            whole = parallel.gather_model(model)
             if rank == 0:
                 res["full_state_dict"] = full
+                res["gathered_logits"] = greedy_with_cache(whole, prompt(), STEPS)[1]
+            else:
+                assert full is None and whole is None
         results[name] = res
     torch.save(results, Path(root) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -239,13 +243,18 @@ def test_gradients_and_norm_equal_one_process(world, runs, name):
 
 
 @pytest.mark.parametrize("name", ["hf_tp", "hf_ep", "hf_both"])
-def test_full_state_dict_reassembles_the_model(world, runs, name):
+def test_full_state_dict_and_gather_model_reassemble_the_model(world, runs, name):
     full = runs[0][name]["full_state_dict"]
     ref = world["ref"].state_dict()
     assert set(full) == set(ref)
     for k, t in ref.items():
         assert torch.equal(full[k], t), k
-    assert "full_state_dict" not in runs[1][name]
+    _, ref_logits = greedy_with_cache(world["ref"], prompt(), STEPS)
+    assert (runs[0][name]["gathered_logits"] - ref_logits).abs().max() < 1e-6  # the uncut model, same weights
+
+
+def test_from_rank0_gives_every_rank_the_same_value(runs):
+    assert [int(runs[r]["seed"]) for r in range(N)] == [1000] * N
 
 
 def test_indivisible_sizes_are_clear_errors():
