@@ -83,11 +83,13 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def prefill(model, cache, prompt_tokens: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
+def prefill(model, cache, prompt_tokens: Sequence[Sequence[int]], pad_id: int = 0,
+            image_features: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts through the model in one forward, filling `cache`; return next-token logits (B, V).
 
     Rows are left-padded to the longest; the padding gets position -1 (invisible to attention) and each
     row's tokens continue from its own cache.next_pos (0 for a fresh cache, the conversation so far in chat).
+    image_features (n, dim) replace the prompts' n `<|patch|>` embeddings, in order (early fusion).
     """
     device = cache.next_pos.device
     B, T = len(prompt_tokens), max(len(p) for p in prompt_tokens)
@@ -97,14 +99,16 @@ def prefill(model, cache, prompt_tokens: Sequence[Sequence[int]], pad_id: int = 
         n = len(ids)
         tokens[row, T - n:] = torch.tensor(ids, dtype=torch.long, device=device)
         positions[row, T - n:] = cache.next_pos[row] + torch.arange(n, device=device)
-    return model(tokens, cache=cache, positions=positions, last_only=True)[:, -1]  # (B, V)
+    return model(tokens, cache=cache, positions=positions, image_features=image_features,
+                 last_only=True)[:, -1]  # (B, V)
 
 
 @torch.no_grad()
 def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_ids: Sequence[int] = (),
              generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
-             cache=None, stats: dict | None = None) -> list[list[int]]:
+             cache=None, stats: dict | None = None,
+             image_features: torch.Tensor | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; return the new ids per row.
 
     A row ends at its first stop id, which is included in its result (so a result that does not end in a
@@ -112,6 +116,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
     `cache`: continue a conversation whose earlier tokens are already in this cache (the last token
     returned by the previous call was never fed: put it at the start of the next prompt). Without one, a
     fresh cache just big enough is made. `stats`, if given, receives token counts and timings.
+    `image_features` (from model.encode_images) fill the prompts' `<|patch|>` tokens.
     """
     if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
         raise ValueError("every prompt needs at least one token")
@@ -124,7 +129,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
     stop = set(int(s) for s in stop_ids)
 
     t0 = _clock(device)
-    logits = prefill(model, cache, prompt_tokens)  # (B, V)
+    logits = prefill(model, cache, prompt_tokens, image_features=image_features)  # (B, V)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     t1 = None
@@ -204,7 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "chat interactively (one stdin line per turn, the KV cache kept between turns)")
     g.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help=f"an image for the prompt (repeatable, up to {MAX_IMAGES}; not yet supported)")
+                   help=f"an image for the (single) prompt or the first chat turn: tiled, encoded by the "
+                        f"checkpoint's vision encoder and fused into the prompt (repeatable, up to {MAX_IMAGES})")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most new tokens per prompt (256)")
     g.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 = greedy (default 0.6, as the models ship)")
@@ -236,9 +242,8 @@ def check_flags(a: argparse.Namespace) -> None:
     for path in a.image:
         if not Path(path).is_file():
             raise CliError(f"image not found: {path}")
-    if a.image:
-        raise CliError("--image is not yet supported: images need the vision encoder (vision.py), which "
-                       "generate.py does not use yet")
+    if a.image and len(a.prompt) + bool(a.prompt_file) > 1:
+        raise CliError("--image goes with a single --prompt (or the first turn of --chat)")
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -276,12 +281,38 @@ def read_prompts(a: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def encode_prompt(tok: Tokenizer, text: str, a: argparse.Namespace) -> list[int]:
-    """A raw prompt starts with <|begin_of_text|>; a chat prompt is a dialog ending in an assistant header."""
+def load_images(a: argparse.Namespace, tok: Tokenizer) -> tuple[torch.Tensor | None, list[list[int]]]:
+    """Tile every --image (vision.preprocess) and lay out its tokens; -> (pixels (N, 3, 336, 336), token lists)."""
+    if not a.image:
+        return None, []
+    import checkpoint
+    import vision
+    try:
+        args = checkpoint.load_args(a.ckpt, vision=True)
+    except checkpoint.CheckpointError as e:
+        raise CliError(f"--image needs a multimodal checkpoint: {e}") from None
+    ids = dict(image_start=tok.image_start_id, image_end=tok.image_end_id, image=tok.image_id,
+               patch=tok.patch_id, tile_x_separator=tok.tile_x_separator_id,
+               tile_y_separator=tok.tile_y_separator_id)
+    pixels, layouts = [], []
+    for path in a.image:
+        try:
+            tiles, grid = vision.preprocess(vision.load_image(path), tile=args.vision.image_size)
+        except vision.ImageError as e:
+            raise CliError(str(e)) from None
+        pixels.append(tiles)
+        layouts.append(vision.image_token_layout(grid, args.vision.patches_per_tile, **ids))
+    return torch.cat(pixels), layouts
+
+
+def encode_prompt(tok: Tokenizer, text: str, a: argparse.Namespace, images: Sequence[list[int]] = ()) -> list[int]:
+    """A raw prompt starts with <|begin_of_text|>; a chat prompt is a dialog ending in an assistant header.
+    Image token layouts go before the text, as in Meta's chat format."""
     if not a.chat:
-        return tok.encode(text, bos=True)
+        return [tok.bos_id] + [t for ids in images for t in ids] + tok.encode(text)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    return tok.encode_dialog(messages + [{"role": "user", "content": text}])
+    content = [*images, text] if images else text
+    return tok.encode_dialog(messages + [{"role": "user", "content": content}])
 
 
 def context_limit(a: argparse.Namespace, model_max: int) -> int:
@@ -304,7 +335,8 @@ def load(a: argparse.Namespace):
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if torch.device(a.device).type == "cuda"
                                              else torch.float32)
     try:
-        return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize)
+        return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize,
+                                     vision=bool(a.image))
     except (checkpoint.CheckpointError, FileNotFoundError, NotImplementedError) as e:
         raise CliError(f"cannot load {a.ckpt}: {e}") from None
     except ImportError as e:  # --quantize needs quantize.py
@@ -367,12 +399,12 @@ def completion_text(tok: Tokenizer, ids: list[int], stop_ids: Sequence[int]) -> 
     return tok.decode([t for t in ids if t not in stop_ids])
 
 
-def run_prompts(model, tok: Tokenizer, prompts: list[list[int]], a, generator, seed) -> None:
+def run_prompts(model, tok: Tokenizer, prompts: list[list[int]], a, generator, seed, image_features=None) -> None:
     """Generate for every prompt at once: stream a single prompt, print a batch when it is done."""
     stop_ids = tok.stop_ids
     stats: dict = {}
     common = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                  stop_ids=stop_ids, generator=generator, stats=stats)
+                  stop_ids=stop_ids, generator=generator, stats=stats, image_features=image_features)
     if len(prompts) == 1:
         on_token, finish = printer(tok, stop_ids)
         generate(model, prompts, on_token=on_token, **common)
@@ -385,11 +417,12 @@ def run_prompts(model, tok: Tokenizer, prompts: list[list[int]], a, generator, s
     report(stats, torch.device(a.device), seed)
 
 
-def chat_loop(model, tok: Tokenizer, a, generator, seed, context: int) -> None:
+def chat_loop(model, tok: Tokenizer, a, generator, seed, context: int, images=(), image_features=None) -> None:
     """Interactive chat: each stdin line is a user turn; the KV cache carries the conversation.
 
     Only the new turn is prefilled: the previous reply's last token (never fed yet), the user message and
-    the assistant header. `/reset` starts over, `/exit` (or end of input) quits.
+    the assistant header. `/reset` starts over, `/exit` (or end of input) quits. Images (--image) go into the
+    first user turn.
     """
     stop_ids = tok.stop_ids
     interactive = sys.stdin.isatty()
@@ -412,7 +445,9 @@ def chat_loop(model, tok: Tokenizer, a, generator, seed, context: int) -> None:
         if text.strip() == "/reset":
             cache, pending = fresh()
             continue
-        new = pending + tok.encode_message("user", text) + tok.encode_header("assistant")
+        first = int(cache.next_pos[0]) == 0
+        content = [*images, text] if images and first else text
+        new = pending + tok.encode_message("user", content) + tok.encode_header("assistant")
         used = int(cache.next_pos[0])
         if used + len(new) + a.max_new_tokens > context:
             print(f"error: this turn needs {used + len(new) + a.max_new_tokens} tokens of context "
@@ -421,7 +456,8 @@ def chat_loop(model, tok: Tokenizer, a, generator, seed, context: int) -> None:
         stats: dict = {}
         on_token, finish = printer(tok, stop_ids)
         reply = generate(model, [new], a.max_new_tokens, a.temperature, a.top_p, a.top_k, stop_ids,
-                         generator, on_token, cache=cache, stats=stats)[0]
+                         generator, on_token, cache=cache, stats=stats,
+                         image_features=image_features if images and first else None)[0]
         finish()
         # The last token was chosen but not fed; an unfinished reply is closed with <|eot|>.
         pending = [reply[-1]] if reply[-1] in stop_ids else [reply[-1], tok.eot_id]
@@ -433,19 +469,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_flags(a)
     tok = load_tokenizer(a)
     texts = read_prompts(a)
-    prompts = [encode_prompt(tok, t, a) for t in texts]
+    pixels, images = load_images(a, tok)
+    prompts = [encode_prompt(tok, t, a, images) for t in texts]
     limit = context_limit(a, model_context(a))
     check_lengths(prompts, a.max_new_tokens, limit)  # before the (possibly long) load of the weights
     model = load(a)
+    if pixels is not None and model.args.image_token_id != tok.patch_id:
+        raise CliError(f"the checkpoint's image token is {model.args.image_token_id} but the tokenizer's "
+                       f"<|patch|> is {tok.patch_id} (wrong --tokenizer for this checkpoint?)")
     if tok.n_words > model.args.vocab_size:
         raise CliError(f"the tokenizer has {tok.n_words} ids but the model only {model.args.vocab_size} "
                        "(wrong --tokenizer for this checkpoint?)")
     generator, seed = make_generator(a)
     seed = seed if a.temperature > 0 else None
+    image_features = None
+    if pixels is not None:
+        with torch.no_grad():
+            image_features = model.encode_images(pixels.to(a.device))  # (tiles * 144, dim)
     if prompts:
-        run_prompts(model, tok, prompts, a, generator, seed)
+        run_prompts(model, tok, prompts, a, generator, seed, image_features)
     else:
-        chat_loop(model, tok, a, generator, seed, min(limit, a.max_seq_len or CHAT_CONTEXT))
+        chat_loop(model, tok, a, generator, seed, min(limit, a.max_seq_len or CHAT_CONTEXT), images, image_features)
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def test_more_errors_are_clear(native_ckpt, tmp_path, capsys):
         (["--ckpt", ckpt, "--prompt", "hi", "--max-new-tokens", "300"], "context limit of 256"),
         (["--ckpt", ckpt, "--prompt", "hi", "--max-seq-len", "1000"], "model's context"),
         (["--ckpt", str(no_tokenizer), "--prompt", "hi"], "looked for"),
-        (["--ckpt", ckpt, "--prompt", "hi", "--image", __file__], "not yet supported"),
+        (["--ckpt", ckpt, "--prompt", "hi", "--image", __file__], "needs a multimodal checkpoint"),
         (["--ckpt", ckpt, "--prompt", "hi"] + ["--image", __file__] * 6, "at most 5"),
         (["--ckpt", ckpt, "--prompt", "hi", "--image", str(tmp_path / "no.png")], "image not found"),
         (["--ckpt", ckpt, "--prompt", "hi", "--top-p", "0"], "--top-p"),

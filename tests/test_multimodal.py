@@ -68,3 +68,52 @@ def test_text_only_load_ignores_vision_weights(hf_checkpoint):
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(input_ids=tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_generate_with_an_image_matches_transformers(tmp_path):
+    """Greedy decoding from a prompt holding a 2x3-tile image (6 tiles + thumbnail) through generate.py,
+    token for token against transformers' generate on the same pixels, then the CLI on the same files."""
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    import generate
+    import vision
+    from tokenizer import Tokenizer, llama_models_tokenizer_path
+
+    pytest.importorskip("llama_models")
+    tok = Tokenizer.from_file(llama_models_tokenizer_path())
+    torch.manual_seed(0)
+    text = dict(vocab_size=tok.n_words, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
+                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                num_local_experts=2, attention_chunk_size=256, max_position_embeddings=4096)
+    vis = dict(image_size=336, patch_size=14, hidden_size=88, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4 * 88,
+               projector_input_dim=32, projector_output_dim=32, vision_output_dim=32)
+    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vis)).eval()
+    hf.save_pretrained(tmp_path)
+    shutil.copyfile(llama_models_tokenizer_path(), tmp_path / "tokenizer.model")
+    image_path = tmp_path / "picture.png"
+    vision.synthetic_image(700, 500).save(image_path)
+
+    pixels, grid = vision.preprocess(vision.load_image(image_path))
+    # 700x500 fits canvases of >= 3 columns x >= 2 rows of 336 px; the smallest upscale is min(1008/700,
+    # 672/500) = 1.344, shared by 2x3 and 2x4: the smaller area wins -> 2 rows x 3 columns, plus a thumbnail.
+    assert grid == (2, 3) and pixels.shape[0] == 7
+    a = generate.parse_args(["--ckpt", str(tmp_path), "--prompt", "Describe this.", "--chat", "--image", str(image_path)])
+    _, layouts = generate.load_images(a, tok)
+    prompt = generate.encode_prompt(tok, "Describe this.", a, layouts)
+    model = load_model(tmp_path, vision=True)
+    with torch.no_grad():
+        ours = generate.generate(model, [prompt], 8, temperature=0, image_features=model.encode_images(pixels))[0]
+        theirs = hf.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
+
+    cli = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--prompt",
+                          "Describe this.", "--image", str(image_path), "--temperature", "0",
+                          "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == tok.decode([t for t in ours if t not in tok.stop_ids]) + "\n"
