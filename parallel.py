@@ -7,9 +7,10 @@ only its own pieces straight from the checkpoint files. Three facts shape the cu
 1. Tensor parallelism (TP, Megatron style) for everything that computes on every token. Attention is split by
    heads: wq/wk/wv are column-split (rank r holds the rows of heads [r*H/N, (r+1)*H/N) and of their kv heads),
    wo is row-split (the matching input columns), so each rank's attention output is a partial sum over its
-   heads, and ONE all-reduce per block output adds the N parts. Dense SwiGLUs and the shared expert are split
-   the same way along their hidden units (w1/w3 column-split, w2 row-split). GQA survives the cut because
-   query head h reads kv head h // (H/Hkv), and each rank's heads and kv heads are contiguous blocks.
+   heads, and ONE all-reduce adds the N parts (one per attention, one per feed-forward). Dense SwiGLUs and
+   the shared expert are split the same way along their hidden units (w1/w3 column-split, w2 row-split).
+   GQA survives the cut because query head h reads kv head h // (H/Hkv), and each rank's heads and kv heads
+   are contiguous blocks.
 2. Expert parallelism (EP) for the routed experts: rank r holds experts [r*E/N, (r+1)*E/N) whole (Maverick on
    8 GPUs: 16 of the 128 experts each). Routing is top-1 and, after the attention all-reduce, every rank holds
    the same activations and the same router, so every rank routes all tokens identically (bit for bit). Each

@@ -91,8 +91,9 @@ def meta_shards(sd: dict, M: int) -> list[dict]:
         if i % 2:  # MoE
             put(m + "norm.weight", sd[p + "ffn_norm.weight"])
             put(m + "router_DE", sd[m + "router.weight"].t())
-            put(m + "experts.moe_w_in_eD_F", None, parts=[w.reshape(E * D, -1) for w in sd[m + "experts.w1"].chunk(M, 2)])
-            put(m + "experts.moe_w_swiglu_eD_F", None, parts=[w.reshape(E * D, -1) for w in sd[m + "experts.w3"].chunk(M, 2)])
+            for meta, ours in (("moe_w_in_eD_F", "w1"), ("moe_w_swiglu_eD_F", "w3")):  # (E, D, F/M) -> (E*D, F/M)
+                blocks = sd[m + "experts." + ours].chunk(M, 2)
+                put(m + "experts." + meta, None, parts=[w.reshape(E * D, -1) for w in blocks])
             put(m + "experts.moe_w_out_eF_D", None, parts=[w.reshape(-1, D) for w in sd[m + "experts.w2"].chunk(M, 1)])
             put(m + "w_in_shared_FD.weight", sd[m + "shared_expert.w1.weight"], 0)
             put(m + "w_swiglu_FD.weight", sd[m + "shared_expert.w3.weight"], 0)
