@@ -329,12 +329,26 @@ def check_lengths(prompts: list[list[int]], max_new_tokens: int, limit: int) -> 
                            f"{len(ids) + max_new_tokens} > the context limit of {limit} tokens")
 
 
+def distributed() -> bool:
+    """Started by torchrun with several processes: the model is cut across them (parallel.py)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def load(a: argparse.Namespace):
-    """The model in --ckpt, on --device in --dtype; checkpoint errors become one-line CliErrors."""
+    """The model in --ckpt, on --device in --dtype; checkpoint errors become one-line CliErrors.
+    Under torchrun each process loads only its share, onto its own device (a.device is updated)."""
     import checkpoint
+    if distributed():
+        import parallel
+        if a.quantize:
+            raise CliError("--quantize is not supported with several processes yet")
+        _, _, device = parallel.init_distributed()
+        a.device = str(device)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if torch.device(a.device).type == "cuda"
                                              else torch.float32)
     try:
+        if distributed():
+            return parallel.load_model_for_rank(a.ckpt, dtype=dtype, vision=bool(a.image))
         return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize,
                                      vision=bool(a.image))
     except (checkpoint.CheckpointError, FileNotFoundError, NotImplementedError) as e:
@@ -354,6 +368,9 @@ def model_context(a: argparse.Namespace) -> int:
 
 def make_generator(a: argparse.Namespace) -> tuple[torch.Generator, int]:
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if distributed():  # every process must draw the same tokens from its (identical) logits
+        import parallel
+        seed = parallel.from_rank0(seed)
     gen = torch.Generator(device=a.device)
     gen.manual_seed(seed)
     return gen, seed
@@ -436,7 +453,11 @@ def chat_loop(model, tok: Tokenizer, a, generator, seed, context: int, images=()
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        if distributed():  # only rank 0 reads the keyboard; the others get its lines
+            import parallel
+            line = parallel.from_rank0(sys.stdin.readline() if os.environ.get("RANK", "0") == "0" else None)
+        else:
+            line = sys.stdin.readline()
         if not line or line.strip() in ("/exit", "/quit"):
             break
         text = line.rstrip("\r\n")
@@ -474,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     limit = context_limit(a, model_context(a))
     check_lengths(prompts, a.max_new_tokens, limit)  # before the (possibly long) load of the weights
     model = load(a)
+    if distributed() and os.environ.get("RANK", "0") != "0":  # one process speaks for all
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     if pixels is not None and model.args.image_token_id != tok.patch_id:
         raise CliError(f"the checkpoint's image token is {model.args.image_token_id} but the tokenizer's "
                        f"<|patch|> is {tok.patch_id} (wrong --tokenizer for this checkpoint?)")
