@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -234,7 +233,3 @@ def extra_keys(params: dict) -> set[str]:
     E = params["moe_args"]["num_experts"] if moe_layers else 0
     return set(_extras(params["n_layers"], E, moe_layers, params["dim"] // params["n_heads"]))
 
-
-def env_threads() -> None:
-    """Keep tiny-model tests from oversubscribing a 2-core machine."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))

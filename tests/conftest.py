@@ -20,3 +20,16 @@ def meta_group():
 
     with meta_parallel():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one intra-op thread (restored afterwards). At these sizes a second
+    thread buys nothing, and on a busy 2-core machine torch's thread pool can turn a 10 us attention call
+    into 20 ms while it waits for a descheduled worker."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
