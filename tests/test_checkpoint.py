@@ -8,7 +8,6 @@ first shown to load with the right logits, by exactly one defect.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,7 +25,7 @@ from checkpoint import CheckpointError, load_args, load_model, save_checkpoint  
 from model import ModelArgs, Transformer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,7 +141,6 @@ def write_meta(path: Path, params: dict, model: Transformer, n_shards: int = 2) 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     model = random_model()
     return model, logits(model)
 
@@ -475,7 +473,6 @@ print(json.dumps(dict(before=before, hwm=hwm() if reset else None, reset=reset,
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Transformer(BIG)
     with torch.no_grad():

@@ -26,7 +26,7 @@ from model import (FLAVORS, ModelArgs, RMSNorm, Transformer, attention_mask, par
 from moe import FeedForward, MoE  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Small matrices: one thread is faster, and immune to other processes competing for the 2 cores."""
     n = torch.get_num_threads()
@@ -265,7 +265,6 @@ T_LONG = 40  # 5 chunks of 8: 4 chunk boundaries; temperature steps at 15 and 31
 
 @pytest.fixture(scope="module")
 def small():
-    torch.set_num_threads(1)
     model = small_model()
     torch.manual_seed(1)
     tokens = torch.randint(0, SMALL.vocab_size, (1, T_LONG))
