@@ -20,7 +20,9 @@ loads with strict=False, which silently leaves garbage weights). `.pth` files ar
 """
 from __future__ import annotations
 
+import codecs
 import ctypes
+import io
 import json
 import mmap
 import os
@@ -28,7 +30,6 @@ import re
 import shutil
 import struct
 import tempfile
-from collections import defaultdict
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -119,8 +120,12 @@ def release(t: torch.Tensor) -> None:
 
 
 def _torch_load(path: Path) -> dict:
+    """A Meta shard, memory-mapped, with the safe unpickler: tensors and plain containers only. The release's
+    `*._extra_state` entries (TransformerEngine FP8 state, not weights) are pickled io.BytesIO objects, so
+    exactly the two harmless globals they need are allowed, as Meta's own loader does."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a truncated zip, a pickle that wants code, not a .pth at all
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
@@ -293,8 +298,14 @@ def load_args(path: str | os.PathLike, vision: bool = False) -> ModelArgs:
     path = Path(path)
     layout = detect_layout(path)
     cfg_file = {"native": "llama4.json", "hf": "config.json", "meta": "params.json"}[layout]
+    weights = path / "model.safetensors"
+    if layout == "native" and weights.is_file() and "llama4_args" in SafetensorsFile(weights).metadata:
+        cfg_file = "model.safetensors"  # the weights carry their own config: they can never disagree
     try:
-        cfg = json.loads((path / cfg_file).read_text())
+        if cfg_file == "model.safetensors":
+            cfg = json.loads(SafetensorsFile(weights).metadata["llama4_args"])
+        else:
+            cfg = json.loads((path / cfg_file).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / cfg_file}: not valid JSON ({e})") from None
     try:
@@ -354,6 +365,34 @@ def hf_pieces(key: str, vision: bool) -> list[Piece] | None:
     return []  # unknown: reported as unexpected
 
 
+class Concat:
+    """The model-parallel shards of one tensor, joined along `dim` only when copied into their destination,
+    so merging a sharded checkpoint makes no temporary full-size copy."""
+
+    def __init__(self, parts: list[torch.Tensor], dim: int):
+        self.parts, self.dim = list(parts), dim
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        self.shape, self.dtype = torch.Size(shape), parts[0].dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def copy_into(self, dest: torch.Tensor) -> torch.Tensor:
+        offset = 0
+        for p in self.parts:
+            dest.narrow(self.dim, offset, p.shape[self.dim]).copy_(p)
+            offset += p.shape[self.dim]
+        return dest
+
+    def join(self) -> torch.Tensor:
+        return torch.cat(self.parts, self.dim)
+
+
+def _cat(parts: list[torch.Tensor], dim: int):
+    return parts[0] if len(parts) == 1 else Concat(parts, dim)
+
+
 # Meta: our name, and how the model-parallel shards were cut: dim to concatenate on (None = replicated).
 _META_TEXT = [
     (r"tok_embeddings\.weight", "tok_embeddings.weight", 0),
@@ -372,8 +411,9 @@ _META_IGNORED = re.compile(r"rope\.freqs|.*\._extra_state|.*(global_gate_stats_3
                            r"running_gate_stats_3E)")
 
 
-def meta_merge(key: str, shards: list[torch.Tensor], args: ModelArgs, vision: bool) -> list[tuple[str, torch.Tensor]] | None:
-    """Merge one Meta tensor's model-parallel shards into our tensor(s). None = not a weight we use."""
+def meta_merge(key: str, shards: list[torch.Tensor], args: ModelArgs, vision: bool) -> list[tuple] | None:
+    """Our tensor(s) from one Meta tensor's model-parallel shards: [(our name, tensor or Concat of shards)].
+    None = not a weight we use; [] = unknown."""
     if _META_IGNORED.fullmatch(key):
         return None
     if key.startswith(("vision_embeddings.", "vision_projection.")):
@@ -386,7 +426,7 @@ def meta_merge(key: str, shards: list[torch.Tensor], args: ModelArgs, vision: bo
             return []  # unknown: reported as unexpected
         if ours is None:
             return None
-        return [("vision." + ours, shards[0] if dim is None else torch.cat(shards, dim))]
+        return [("vision." + ours, shards[0] if dim is None else _cat(shards, dim))]
     E, D = args.n_experts, args.dim
     m = re.fullmatch(r"layers\.(\d+)\.(attention\.wqkv\.weight|feed_forward\.mlp\.fc1_weight|"
                      r"feed_forward\.router_DE|feed_forward\.experts\.(moe_w_in_eD_F|moe_w_swiglu_eD_F|moe_w_out_eF_D))", key)
@@ -396,20 +436,20 @@ def meta_merge(key: str, shards: list[torch.Tensor], args: ModelArgs, vision: bo
             hd, n = args.head_dim, len(shards)
             split = [args.n_heads * hd // n, args.n_kv_heads * hd // n, args.n_kv_heads * hd // n]
             q, k, v = zip(*(s.split(split, 0) for s in shards))
-            return [(pre + "attention.wq.weight", torch.cat(q)), (pre + "attention.wk.weight", torch.cat(k)),
-                    (pre + "attention.wv.weight", torch.cat(v))]
+            return [(pre + "attention.wq.weight", _cat(q, 0)), (pre + "attention.wk.weight", _cat(k, 0)),
+                    (pre + "attention.wv.weight", _cat(v, 0))]
         if what == "feed_forward.mlp.fc1_weight":  # each shard: its w1 rows, then its w3 rows
             w1, w3 = zip(*(s.chunk(2, 0) for s in shards))
-            return [(pre + "feed_forward.w1.weight", torch.cat(w1)), (pre + "feed_forward.w3.weight", torch.cat(w3))]
+            return [(pre + "feed_forward.w1.weight", _cat(w1, 0)), (pre + "feed_forward.w3.weight", _cat(w3, 0))]
         if what == "feed_forward.router_DE":  # (D, E), replicated; ours is an nn.Linear weight (E, D)
             return [(pre + "feed_forward.router.weight", shards[0].t())]
         ours = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}[m[3]]
         if m[3] == "moe_w_out_eF_D":  # (E*F/n, D) per shard -> (E, F, D)
-            return [(pre + "feed_forward.experts.w2", torch.cat([s.view(E, -1, D) for s in shards], 1))]
-        return [(pre + "feed_forward.experts." + ours, torch.cat([s.view(E, D, -1) for s in shards], 2))]
+            return [(pre + "feed_forward.experts.w2", _cat([s.view(E, -1, D) for s in shards], 1))]
+        return [(pre + "feed_forward.experts." + ours, _cat([s.view(E, D, -1) for s in shards], 2))]
     for pattern, ours, dim in _META_TEXT:
         if re.fullmatch(pattern, key):
-            return [(re.sub(pattern, ours, key), shards[0] if dim is None else torch.cat(shards, dim))]
+            return [(re.sub(pattern, ours, key), shards[0] if dim is None else _cat(shards, dim))]
     return []  # unknown: reported as unexpected
 
 
@@ -448,6 +488,14 @@ def _stream_safetensors(files: list[Path], rename: Callable[[str], list[Piece] |
                 yield key, ours, cut(t), (lambda t=t: release(t)) if i == len(pieces) - 1 else None
 
 
+def safetensors_stream(path: Path, layout: str, vision: bool) -> Iterator:
+    """The tensors of an HF or native checkpoint directory under our names (vision ones only if asked for)."""
+    if layout == "native":
+        return _stream_safetensors([path / "model.safetensors"],
+                                   lambda k: [(k, _same)] if vision or not k.startswith("vision.") else None)
+    return _stream_safetensors(_hf_files(path), lambda k: hf_pieces(k, vision))
+
+
 def _stream_meta(path: Path, args: ModelArgs, vision: bool) -> Iterator:
     files = sorted(path.glob("consolidated.*.pth"))
     shards = [_torch_load(f) for f in files]
@@ -480,6 +528,43 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
         module._buffers[leaf] = t
 
 
+def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, path: Path, store=_assign,
+         keep_dtype: tuple[str, ...] = (), where: str = "") -> None:
+    """Copy every (checkpoint name, our name, tensor, release) of `stream` into the meta-built `model`, strictly:
+    each tensor must have a place of the right shape, exactly once, and every place must be filled. Each
+    tensor is copied once, to its device and dtype (names ending in keep_dtype keep theirs), then its file
+    pages are released."""
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
+    loaded, unexpected = set(), []
+    for key, ours, t, done in stream:
+        if ours is None or ours not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(t.shape) != expected[ours]:
+            raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not fit {ours} {expected[ours]} ({where})")
+        if ours in loaded:
+            raise CheckpointError(f"{key}: {ours} appears twice in the checkpoint")
+        keep = dtype is None or not t.is_floating_point() or ours.endswith(keep_dtype)
+        dest = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
+        store(model, ours, t.copy_into(dest) if isinstance(t, Concat) else dest.copy_(t))  # the one copy
+        loaded.add(ours)
+        if done is not None:
+            done()
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) that this model has no place for: "
+                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    missing = sorted(set(expected) - loaded - optional)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, shape in expected.items():  # optional buffers that the checkpoint did not carry
+        if name not in loaded:
+            _assign(model, name, torch.zeros(shape, device=device, dtype=dtype or torch.float32))
+    for m in model.modules():  # the MoE load counters: training bookkeeping, not in any checkpoint
+        if isinstance(m, MoE):
+            m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+
+
 def _native_quantization(path: Path) -> dict | None:
     """The settings of a native checkpoint written by quantize.py (safetensors metadata), else None."""
     f = path / "model.safetensors"
@@ -510,50 +595,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             raise CheckpointError(f"{path} is already quantized to {stored['mode']}; it cannot be loaded as {quantize}")
         swap_in_quantized(model, stored["mode"], stored["group_size"], stored["targets"])
         quantize = None
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
     store = _assign
     if quantize:
         from quantize import quantizing_assign
         store = quantizing_assign(model, quantize, group_size)
 
-    if layout == "meta":
-        stream = _stream_meta(path, args, vision)
-    else:
-        files = [path / "model.safetensors"] if layout == "native" else _hf_files(path)
-        rename = (lambda k: [(k, _same)] if vision or not k.startswith("vision.") else None) if layout == "native" \
-            else (lambda k: hf_pieces(k, vision))
-        stream = _stream_safetensors(files, rename)
+    stream = _stream_meta(path, args, vision) if layout == "meta" else safetensors_stream(path, layout, vision)
 
-    loaded, unexpected = set(), []
-    for key, ours, t, done in stream:
-        if ours is None or ours not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(t.shape) != expected[ours]:
-            raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not fit {ours} {expected[ours]} "
-                                  f"(config says dim {args.dim}, {args.n_experts} experts)")
-        if ours in loaded:
-            raise CheckpointError(f"{key}: {ours} appears twice in the checkpoint")
-        packed = stored and ours.endswith((".qweight", ".scale"))  # quantized tensors keep their dtype
-        target_dtype = dtype if dtype is not None and t.is_floating_point() and not packed else t.dtype
-        store(model, ours, torch.empty(t.shape, dtype=target_dtype, device=device).copy_(t))  # one copy
-        loaded.add(ours)
-        if done is not None:
-            done()
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) that this model has no place for: "
-                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    missing = sorted(set(expected) - loaded - optional)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, shape in expected.items():  # optional buffers that the checkpoint did not carry
-        if name not in loaded:
-            _assign(model, name, torch.zeros(shape, device=device,
-                                             dtype=dtype if dtype is not None else torch.float32))
-    for m in model.modules():  # the MoE load counters: training bookkeeping, not in any checkpoint
-        if isinstance(m, MoE):
-            m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+    fill(model, stream, device, dtype, path, store, keep_dtype=(".qweight", ".scale") if stored else (),
+         where=f"config says dim {args.dim}, {args.n_experts} experts")
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a model tensor that no checkpoint fills: a bug in this file, not in the checkpoint
         raise CheckpointError(f"internal: tensors left without values after loading: {left[:5]}")
@@ -578,7 +628,9 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: str 
         cfg["format"] = "llama4-minimal/1"
         (tmp / "llama4.json").write_text(json.dumps(cfg, indent=2))
         state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        # The config goes into the weights file too, so a crash between the renames below can never pair
+        # new weights with an old config (or the reverse): load_args reads it from there.
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "llama4_args": json.dumps(cfg)})
         if tokenizer is not None:  # under the name tokenizer.Tokenizer.find looks for
             name = "tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"
             shutil.copyfile(tokenizer, tmp / name)

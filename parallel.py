@@ -51,8 +51,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import (CheckpointError, SafetensorsFile, _assign, _hf_files, _same, _stream_safetensors, _torch_load,
-                        detect_layout, hf_pieces, load_args, meta_merge, release)
+from checkpoint import (CheckpointError, Concat, SafetensorsFile, _assign, _torch_load, detect_layout, fill,
+                        load_args, meta_merge, release, safetensors_stream)
 from model import Cache, ModelArgs, Transformer
 from moe import Experts, FeedForward, MoE
 
@@ -293,7 +293,7 @@ def _meta_local(key: str, parts: list[torch.Tensor], args: ModelArgs, plan: Plan
         if mine and all(plan.shard_dim(ours) is not None for ours, _ in mine):
             return mine
     merged = meta_merge(key, parts, args, vision)  # resharding: merge this one tensor, keep our block
-    return merged and [(ours, plan.narrow(ours, t)) for ours, t in merged]
+    return merged and [(ours, plan.narrow(ours, t.join() if isinstance(t, Concat) else t)) for ours, t in merged]
 
 
 def _stream_meta_local(path: Path, args: ModelArgs, plan: Plan, vision: bool):
@@ -319,38 +319,6 @@ def _stream_meta_local(path: Path, args: ModelArgs, plan: Plan, vision: bool):
             yield key, ours, t, done
 
 
-def _fill(model: Transformer, stream, device, dtype, path: Path, plan: Plan) -> None:
-    """Copy every (checkpoint key, our name, this rank's block, release) from `stream` into `model`; strict."""
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
-    loaded, unexpected = set(), []
-    for key, ours, t, done in stream:
-        if ours is None or ours not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(t.shape) != expected[ours]:
-            raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not fit {ours} {expected[ours]} "
-                                  f"(rank {plan.rank} of {plan.world}'s block)")
-        if ours in loaded:
-            raise CheckpointError(f"{key}: {ours} appears twice in the checkpoint")
-        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        _assign(model, ours, torch.empty(t.shape, dtype=target, device=device).copy_(t))  # reads the block only
-        loaded.add(ours)
-        if done is not None:
-            done()
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) that this model has no place for: "
-                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    missing = sorted(set(expected) - loaded - optional)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for m in model.modules():  # expert_bias absent from the checkpoint, and the MoE load counts
-        for n, b in list(m._buffers.items()):
-            if b is not None and b.is_meta:
-                m._buffers[n] = torch.zeros(b.shape, device=device, dtype=torch.float32 if dtype is None
-                                            or n == "tokens_per_expert" else dtype)
-
-
 def load_sharded(path: str | os.PathLike, rank: int, world: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, tp: bool = True, ep: bool = True, vision: bool = False,
                  group=None) -> Transformer:
@@ -374,12 +342,9 @@ def load_sharded(path: str | os.PathLike, rank: int, world: int, device: str | t
     if layout == "meta":
         stream = _stream_meta_local(path, args, plan, vision)
     else:
-        files = [path / "model.safetensors"] if layout == "native" else _hf_files(path)
-        rename = (lambda k: [(k, _same)] if vision or not k.startswith("vision.") else None) if layout == "native" \
-            else (lambda k: hf_pieces(k, vision))
         stream = ((key, ours, t if ours is None else plan.narrow(ours, t), done)
-                  for key, ours, t, done in _stream_safetensors(files, rename))
-    _fill(model, stream, device, dtype, path, plan)
+                  for key, ours, t, done in safetensors_stream(path, layout, vision))
+    fill(model, stream, device, dtype, path, where=f"rank {plan.rank} of {plan.world}'s block")
     return model.eval()
 
 

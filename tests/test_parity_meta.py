@@ -204,9 +204,6 @@ def test_expert_width_rule_matches_meta(ffn_exp):
     assert args.moe_hidden_dim == meta.layers[1].feed_forward.experts.w1.shape[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint._torch_load uses weights_only=True without allowing io.BytesIO / codecs.encode, which "
-    "TransformerEngine `_extra_state` entries need; Meta's generation.py allowlists exactly these two"))
 def test_extra_state_as_bytesio_loads(tmp_path):
     """The release's `*._extra_state` entries are pickled io.BytesIO objects (Meta's loader calls
     torch.serialization.add_safe_globals([io.BytesIO, codecs.encode]) before reading the shards). They are
