@@ -194,9 +194,17 @@ def test_conditional_generation_text_only(tmp_path):
     assert any(k.startswith("multi_modal_projector.") for k in keys)
     assert any(k.startswith("language_model.model.layers.") for k in keys)
     ours = checkpoint.load_model(tmp_path)
-    assert ours.vision is None
+    assert ours.vision is None and ours.args.image_token_id == hf.config.image_token_id == 100
     ids = tokens(12)
     assert_same(our_run(ours, ids), hf_run(hf, ids), "ForConditionalGeneration, text only")
+    # The Hub's Scout repos are this kind of checkpoint, with their text_config in the Hub style.
+    hub = tmp_path / "hub"
+    shutil.copytree(tmp_path, hub, ignore=shutil.ignore_patterns("hub"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"] = hub_style(cfg["text_config"])
+    (hub / "config.json").write_text(json.dumps(cfg, indent=2))
+    assert checkpoint.load_args(hub) == checkpoint.load_args(tmp_path)
+    assert_same(our_run(checkpoint.load_model(hub), ids), hf_run(hf, ids), "ForConditionalGeneration, Hub style")
 
 
 def test_sharded_checkpoint(tmp_path):
