@@ -224,3 +224,14 @@ def test_extra_state_as_bytesio_loads(tmp_path):
         torch.serialization.add_safe_globals(allowed)
     ids = tokens(3)
     assert max_diff(our_run(ours, ids)[0], meta_forward(truth, ids)) <= TOL
+
+    ran = []  # a shard whose pickle would call a function when unpickled: refused, and nothing ran
+
+    class Payload:
+        def __reduce__(self):
+            return (ran.append, ("code ran",))
+
+    write_meta_release(tmp_path, params, state, extra_objects={"layers.0.attention.wo._extra_state": Payload()})
+    with pytest.raises(checkpoint.CheckpointError, match="consolidated.00.pth"):
+        checkpoint.load_model(tmp_path)
+    assert ran == []
