@@ -17,8 +17,10 @@ verified file.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -218,9 +220,11 @@ def load_meta_release(path: Path, params: dict, max_seq_len: int = 64, max_batch
 
     dtype = torch.get_default_dtype()
     try:
-        merged = maybe_reshard_state_dict(sorted(Path(path).glob("consolidated.*.pth")),
-                                          n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-                                          moe_num_experts=(params.get("moe_args") or {}).get("num_experts"))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its deprecation + prints
+            warnings.simplefilter("ignore")
+            merged = maybe_reshard_state_dict(sorted(Path(path).glob("consolidated.*.pth")),
+                                              n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                                              moe_num_experts=(params.get("moe_args") or {}).get("num_experts"))
     finally:
         torch.set_default_dtype(dtype)
     model = build_meta(params, max_seq_len, max_batch_size)
