@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -93,7 +94,7 @@ def meta_parallel():
     from fairscale.nn.model_parallel import initialize as fs_init
 
     started = not dist.is_initialized()
-    tmp = tempfile.mkdtemp(prefix="gloo-")
+    tmp = tempfile.mkdtemp(prefix="gloo-") if started else None
     if started:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
     mp_started = not fs_init.model_parallel_is_initialized()
@@ -109,6 +110,7 @@ def meta_parallel():
             fs_init.destroy_model_parallel()
         if started:
             dist.destroy_process_group()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def meta_model_args(params: dict, max_seq_len: int = 64, max_batch_size: int = 2):
