@@ -1,0 +1,671 @@
+"""Training and fine-tuning Llama 4: one readable loop, small enough to run on a laptop CPU.
+
+    python train.py --debug                        # debug flavor from scratch, ~4 min on 2 CPU cores
+    python train.py --debug --data my_texts/       # ... on your own text file or directory
+    python train.py --debug --resume               # continue the run in out/debug exactly where it stopped
+    python train.py --init-from out/debug --sft chats.jsonl --lora 8 --merge-lora --out out/sft
+
+The data of `--debug` is on every machine with Python, no download: the English reference pages that ship
+inside CPython (`pydoc_data.topics`, ~0.5 MB: the language reference behind `help("if")`) plus every
+docstring of 200+ characters in the standard library's own source (~1.3 MB of prose), encoded with the debug
+tokenizer (540k tokens). Documents are shuffled with a fixed seed and the last 10% of the tokens are held
+out. The loop is nanoGPT's: AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation,
+bf16 autocast on CUDA, optional torch.compile, periodic evaluation on the held-out tokens.
+
+What training Llama 4 in particular involves:
+
+1. Mixture of experts without an auxiliary loss. Each MoE layer adds a per-expert bias to the router logits
+   when *choosing* experts (never to the gate), and after every optimizer step `moe.update_expert_bias` nudges
+   it by +-coeff toward equal load (DeepSeek-V3's scheme, also in torchtitan). The log prints each MoE layer's
+   max/mean expert load (1.0 = perfectly even) and `routing.png` shows the load per layer and expert;
+   `--balance-coeff 0` turns the balancing off for comparison.
+2. Fine-tuning uses the Llama 4 chat format and learns only what the assistant says: in a conversation
+   `<|begin_of_text|><|header_start|>user<|header_end|>\\n\\nHi<|eot|><|header_start|>assistant<|header_end|>
+   \\n\\nHello<|eot|>` only `Hello` and its `<|eot|>` are targets. `--lora R` trains adapters (lora.py) with
+   the base, the router and its balancing bias frozen.
+3. Weight decay (0.1) applies to the matrices that multiply activations: attention, feed-forwards, stacked
+   experts, router, output head and LoRA adapters. Norm weights and the token embeddings are not decayed
+   (decaying a lookup table only shrinks rare tokens' rows, which get few gradient updates to push back).
+
+Checkpoints (every --eval-interval steps) go to OUT: the model (`model.safetensors` + `llama4.json` +
+`tokenizer.model`, read by `generate.py --ckpt OUT`), `trainer.pt` (optimizer, step, RNG, loss history),
+`loss.png` and `routing.png`. All of it is written to a staging directory that is then renamed into place, so
+a kill -9 at any moment leaves the last complete checkpoint. Batches are a pure function of (seed, step), so
+`--resume` continues with exactly the losses an uninterrupted run would have had.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import ctypes
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lora
+from model import FLAVORS, Transformer, init_weights, param_counts
+from moe import MoE, update_expert_bias
+from tokenizer import DEBUG_TOKENIZER_PATH, Tokenizer, llama_models_tokenizer_path
+
+IGNORE = -100  # target id of positions that do not count in the loss
+TRAINER_FILE = "trainer.pt"
+# settings that may change when resuming (they do not change the numbers of the run)
+RESUME_OVERRIDABLE = {"resume", "max_steps", "stop_after", "eval_interval", "eval_batches", "log_interval",
+                      "device", "compile", "peak_tflops"}
+
+
+class TrainError(Exception):
+    """Something the trainer cannot go on with; main() prints it as one line."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pretraining data: text -> one token stream -> random windows
+# --------------------------------------------------------------------------------------------------------
+
+def builtin_corpus(min_chars: int = 200) -> list[tuple[str, str]]:
+    """(name, text) documents that ship with CPython: the pydoc topic pages and the stdlib's docstrings."""
+    docs = []
+    try:
+        from pydoc_data.topics import topics
+        docs += [(f"pydoc:{k}", v) for k, v in sorted(topics.items())]
+    except ImportError:
+        pass
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test"}
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    docs.append((f"{path.relative_to(root)}:{getattr(node, 'name', '')}", doc))
+    if not docs:
+        raise TrainError(f"no built-in text found (no pydoc_data, no docstrings under {root}): use --data PATH")
+    return docs
+
+
+def read_text_path(path: str) -> list[tuple[str, str]]:
+    """A text file, or every UTF-8 file under a directory (hidden ones skipped), one document per file."""
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"--data {path}: no such file or directory")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    docs, skipped = [], 0
+    for f in files:
+        try:
+            docs.append((str(f), f.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            skipped += 1
+    if skipped:
+        print(f"data: skipped {skipped} file(s) under {path} that are not UTF-8 text")
+    if not any(text.strip() for _, text in docs):
+        raise TrainError(f"--data {path}: no UTF-8 text found")
+    return docs
+
+
+class TextData:
+    """Documents encoded as <|begin_of_text|> text <|end_of_text|>, shuffled with a fixed seed, concatenated;
+    the last val_frac of the tokens is held out. Training windows start at random offsets."""
+
+    def __init__(self, tok: Tokenizer, docs: list[tuple[str, str]], seq_len: int, val_frac: float):
+        order = sorted(range(len(docs)), key=lambda i: zlib.crc32(docs[i][0].encode()))  # fixed shuffle
+        ids = []
+        for i in order:
+            ids += tok.encode(docs[i][1], bos=True, eos=True)
+        ids = torch.tensor(ids, dtype=torch.long)
+        n_val = max(int(len(ids) * val_frac), seq_len + 1)
+        if len(ids) - n_val < 2 * (seq_len + 1):
+            raise TrainError(f"only {len(ids)} tokens of data: too little for --seq-len {seq_len} and a held-out split")
+        self.train, self.val, self.seq_len = ids[:-n_val], ids[-n_val:], seq_len
+        self.n_docs = len(docs)
+
+    def batch(self, g: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.train) - self.seq_len, (batch_size,), generator=g)
+        rows = torch.stack([self.train[s:s + self.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        return rows[:, :-1], rows[:, 1:]
+
+    def eval_batches(self, batch_size: int, max_batches: int | None):
+        """Consecutive non-overlapping windows of the held-out tokens, the same ones every time."""
+        T = self.seq_len
+        starts = list(range(0, len(self.val) - T, T))
+        for b in range(0, len(starts), batch_size):
+            if max_batches is not None and b // batch_size >= max_batches:
+                return
+            rows = torch.stack([self.val[s:s + T + 1] for s in starts[b:b + batch_size]])
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def unigram_entropy(ids: torch.Tensor, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores all context."""
+    p = torch.bincount(ids, minlength=vocab_size).double() / len(ids)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fine-tuning data: chat conversations, loss on the assistant's tokens only
+# --------------------------------------------------------------------------------------------------------
+
+def encode_conversation(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation in the chat format, and per token whether it is a target: the content
+    of assistant messages and their closing <|eot|>. Headers, other roles and <|begin_of_text|> are not."""
+    ids, is_target = [tok.bos_id], [False]
+    for m in messages:
+        header = tok.encode_header(m["role"])
+        message = tok.encode_message(m["role"], m["content"])  # header + content + <|eot|>
+        assert message[:len(header)] == header
+        ids += message
+        is_target += [False] * len(header) + [m["role"] == "assistant"] * (len(message) - len(header))
+    return ids, is_target
+
+
+def chat_example(ids: list[int], is_target: list[bool], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ids[:-1] and targets ids[1:], IGNORE where the next token is not a target; cut to seq_len."""
+    x = torch.tensor(ids[:-1][:seq_len])
+    y = torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], is_target[1:])][:seq_len])
+    return x, y
+
+
+class ChatData:
+    """A .jsonl file with one {"messages": [{"role": ..., "content": ...}, ...]} conversation per line.
+    Batches are random conversations, right-padded; the last val_frac of them (fixed shuffle) are held out."""
+
+    def __init__(self, tok: Tokenizer, path: str, seq_len: int, val_frac: float):
+        examples, dropped = [], 0
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainError(f"--sft {path}: cannot read ({e})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                x, y = chat_example(*encode_conversation(tok, messages), seq_len)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise TrainError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}} ({e})") from None
+            if (y != IGNORE).any():
+                examples.append((x, y))
+            else:
+                dropped += 1
+        if dropped:
+            print(f"sft: dropped {dropped} conversation(s) with no assistant tokens within --seq-len {seq_len}")
+        if not examples:
+            raise TrainError(f"--sft {path}: no conversation with assistant messages")
+        order = sorted(range(len(examples)), key=lambda i: zlib.crc32(str(i).encode()))
+        n_val = int(len(examples) * val_frac)
+        if n_val == 0:
+            print(f"sft: only {len(examples)} conversation(s): evaluating on the training conversations")
+        self.train = [examples[i] for i in order[:len(order) - n_val]]
+        self.val = [examples[i] for i in order[len(order) - n_val:]] or self.train
+        self.pad_id, self.seq_len, self.n_docs = tok.pad_id, seq_len, len(examples)
+
+    def collate(self, examples):
+        T = max(len(x) for x, _ in examples)
+        x = torch.full((len(examples), T), self.pad_id)
+        y = torch.full((len(examples), T), IGNORE)
+        for i, (xi, yi) in enumerate(examples):
+            x[i, :len(xi)], y[i, :len(yi)] = xi, yi
+        return x, y
+
+    def batch(self, g: torch.Generator, batch_size: int):
+        picks = torch.randint(0, len(self.train), (batch_size,), generator=g).tolist()
+        return self.collate([self.train[i] for i in picks])
+
+    def eval_batches(self, batch_size: int, max_batches: int | None):
+        for b in range(0, len(self.val), batch_size):
+            if max_batches is not None and b // batch_size >= max_batches:
+                return
+            yield self.collate(self.val[b:b + batch_size])
+
+
+def batch_rng(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator for micro-batch `micro` of optimizer step `step`: data order depends on nothing else."""
+    return torch.Generator().manual_seed(seed * 2**40 + step * 2**10 + micro)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+# --------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg) -> tuple[Tokenizer, Path]:
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer)
+    elif cfg.init_from:
+        path = next((p for p in Tokenizer.candidate_paths(cfg.init_from) if p.is_file()), None)
+        if path is None:
+            raise TrainError(f"no tokenizer.model/tokenizer.json in {cfg.init_from}: pass --tokenizer PATH")
+    elif cfg.flavor == "debug":
+        path = DEBUG_TOKENIZER_PATH
+    else:
+        path = llama_models_tokenizer_path()
+        if path is None:
+            raise TrainError("no tokenizer: pass --tokenizer PATH (or install llama-models)")
+    try:
+        return Tokenizer.from_file(path), path
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from None
+
+
+def build_model(cfg, resume_dir: Path | None) -> Transformer:
+    """From scratch (--flavor), from a checkpoint (--init-from), or from our own run directory (--resume).
+    With --lora the base comes from --init-from and the adapters from the run directory when resuming."""
+    import checkpoint
+    source = resume_dir if resume_dir is not None and not cfg.lora else cfg.init_from
+    try:
+        if source:
+            model = checkpoint.load_model(source, dtype=torch.float32)
+        else:
+            model = Transformer(replace(FLAVORS[cfg.flavor], vision=None))
+            init_weights(model)
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        raise TrainError(f"cannot load {source}: {e}") from None
+    if cfg.lora:
+        if resume_dir is not None:
+            lora.load_adapters(model, resume_dir)
+        else:
+            lora.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets.split(","))
+    return model.train()
+
+
+def configure_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters: weight decay on matrices, none on norms and the embedding table."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name == "tok_embeddings.weight" else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    fused = cfg.device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B / nanoGPT): 6 x active matmul parameters + attention, whose
+    context is the chunk on RoPE layers and the whole sequence on NoPE layers."""
+    a = model.args
+    n = param_counts(model)["active"] - model.tok_embeddings.weight.numel()
+    ctx = [seq_len if i in a.nope_layers or a.attention_chunk_size is None else min(seq_len, a.attention_chunk_size)
+           for i in range(a.n_layers)]
+    return 6 * n + sum(12 * a.n_heads * a.head_dim * c for c in ctx)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MoE routing statistics
+# --------------------------------------------------------------------------------------------------------
+
+def moe_layers(model: Transformer) -> list[tuple[int, MoE]]:
+    return [(i, layer.feed_forward) for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)]
+
+
+def expert_counts(moes: list[tuple[int, MoE]]) -> torch.Tensor:
+    """(MoE layers, experts) tokens routed to each expert in the last forward, from MoE.last_expert_ids."""
+    return torch.stack([torch.bincount(m.last_expert_ids.flatten().cpu(), minlength=m.n_experts) for _, m in moes]).float()
+
+
+def imbalance(counts: torch.Tensor) -> list[float]:
+    """Per layer: the busiest expert's load over the mean load (1 = even; E = everything to one expert)."""
+    return (counts.max(-1).values / counts.mean(-1).clamp(min=1e-9)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation, plots, checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, data, cfg, autocast, max_batches) -> tuple[float, torch.Tensor | None]:
+    """Mean loss per target token over the held-out batches, and the expert loads they produced."""
+    model.eval()
+    moes = moe_layers(model)
+    total, count, loads = 0.0, 0, None
+    for x, y in data.eval_batches(cfg.batch_size, max_batches):
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        with autocast:
+            logits = model(x)
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+        count += int((y != IGNORE).sum())
+        if moes:
+            c = expert_counts(moes)
+            loads = c if loads is None else loads + c
+    model.train()
+    return total / max(count, 1), loads
+
+
+def plot_run(directory: Path, history: dict, baseline: float | None, loads: torch.Tensor | None, moes) -> None:
+    from plot import Figure
+    fig = Figure(1, 1, title="Llama 4 training: loss per token")
+    ax = fig.axes(0, "step", "loss (nats)")
+    ax.line(range(1, len(history["train"]) + 1), history["train"], label="train")
+    if history["val"]:
+        ax.line(*zip(*history["val"]), label="held-out", color=1)
+    if baseline is not None:
+        ax.hline(baseline, label="unigram entropy")
+    fig.save(str(directory / "loss.png"))
+    if loads is None:
+        return
+    fig = Figure(1, 2, title="MoE routing: share of held-out tokens per expert, and load spread during training")
+    share = (loads / loads.sum(-1, keepdim=True)).tolist()
+    fig.axes(0, "expert", "MoE layer").heatmap(share, [f"layer {i}" for i, _ in moes],
+                                               [str(e) for e in range(loads.shape[1])])
+    ax = fig.axes(1, "step", "busiest expert / mean load")
+    if history["imbalance"]:
+        steps, spreads = zip(*history["imbalance"])
+        for j, (i, _) in enumerate(moes):
+            ax.line(steps, [s[j] for s in spreads], label=f"layer {i}", color=j)
+    fig.save(str(directory / "routing.png"))
+
+
+def _old(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def recover_run_dir(out: Path) -> None:
+    """A kill between the two renames of save_run leaves only OUT's previous version: put it back."""
+    if not out.exists() and _old(out).exists():
+        os.replace(_old(out), out)
+
+
+def save_run(out: Path, model, cfg, state: dict, tok_path: Path, plots) -> None:
+    """Write the whole checkpoint into a staging directory, then swap it in for OUT (atomically on Linux;
+    elsewhere with two renames, and recover_run_dir undoes a kill between them)."""
+    import checkpoint
+    recover_run_dir(out)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    if not cfg.lora or cfg.merge_lora:  # a full model that generate.py and load_model read
+        checkpoint.save_checkpoint(lora.merged_copy(model) if cfg.lora else model, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok_path, staging / ("tokenizer.json" if tok_path.suffix == ".json" else "tokenizer.model"))
+    if cfg.lora:
+        lora.save_adapters(model, staging, dict(rank=cfg.lora, alpha=cfg.lora_alpha,
+                                                targets=cfg.lora_targets.split(","), base=str(cfg.init_from)))
+    with open(staging / TRAINER_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    plots(staging)
+    if out.exists() and swap_dirs(staging, out):  # one atomic step: readers never find OUT missing
+        shutil.rmtree(staging, ignore_errors=True)  # (it now holds the previous checkpoint)
+        return
+    shutil.rmtree(_old(out), ignore_errors=True)
+    if out.exists():
+        os.replace(out, _old(out))
+    os.replace(staging, out)
+    shutil.rmtree(_old(out), ignore_errors=True)
+
+
+def swap_dirs(a: Path, b: Path) -> bool:
+    """Exchange two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------
+
+def train(cfg) -> dict:
+    """Run (or resume) training as configured; returns the history {train, val, imbalance, ...}."""
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    resume_dir = None
+    if cfg.resume:
+        recover_run_dir(out)
+        if not (out / TRAINER_FILE).is_file():
+            raise TrainError(f"--resume: no {TRAINER_FILE} in {out} (nothing to resume)")
+        state = torch.load(out / TRAINER_FILE, weights_only=True, map_location="cpu")
+        resume_dir = out
+
+    tok, tok_path = load_tokenizer(cfg)
+    t0 = time.time()
+    if cfg.sft:
+        data = ChatData(tok, cfg.sft, cfg.seq_len, cfg.val_frac)
+    else:
+        data = TextData(tok, read_text_path(cfg.data) if cfg.data else builtin_corpus(), cfg.seq_len, cfg.val_frac)
+    n_train = len(data.train) if isinstance(data, TextData) else sum(int((y != IGNORE).sum()) for _, y in data.train)
+    baseline = unigram_entropy(data.train, tok.n_words) if isinstance(data, TextData) else None
+    print(f"data: {data.n_docs} documents -> {n_train:,} training targets ({time.time() - t0:.1f} s)"
+          + (f", {len(data.val):,} held-out tokens; unigram entropy {baseline:.3f} nats" if baseline else ""))
+
+    model = build_model(cfg, resume_dir).to(cfg.device)
+    if model.args.vocab_size < tok.n_words:
+        raise TrainError(f"tokenizer has {tok.n_words} ids but the model's vocabulary is {model.args.vocab_size}")
+    counts = param_counts(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+          f"{trainable / 1e6:.2f}M trainable")
+    optimizer = configure_optimizer(model, cfg)
+    history = dict(train=[], val=[], imbalance=[])
+    step = 0
+    if resume_dir is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step, history = state["step"], json.loads(state["history"])
+        print(f"resumed {out} at step {step}")
+
+    cuda = torch.device(cfg.device).type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    fwd = torch.compile(model) if cfg.compile else model
+    moes = moe_layers(model)
+    balance = 0.0 if cfg.lora else cfg.balance_coeff  # LoRA keeps the router (and its bias) frozen
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else next(
+        (v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    flops = flops_per_token(model, cfg.seq_len)
+    window = torch.zeros(len(moes), moes[0][1].n_experts) if moes else None
+    last_saved = step if resume_dir is not None else None
+    t_log, n_timed, loads = time.time(), 0, None
+
+    def checkpoint_now():
+        state = dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), history=json.dumps(history),
+                     config=json.dumps(vars(cfg)), data_position=dict(seed=cfg.seed, next_step=step))
+        save_run(out, model, cfg, state, tok_path, lambda d: plot_run(d, history, baseline, loads, moes))
+
+    if step == 0:  # where the loss starts: about ln(vocab) for a fresh model
+        history["val"].append((0, evaluate(model, data, cfg, autocast, cfg.eval_batches)[0]))
+        print(f"eval step 0: held-out loss {history['val'][0][1]:.4f}")
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = data.batch(batch_rng(cfg.seed, step, micro), cfg.batch_size)
+            x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+            with autocast:
+                logits = fwd(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            if not torch.isfinite(loss):
+                raise TrainError(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is "
+                                 + (f"{out} (step {last_saved})" if last_saved is not None else "none (none written yet)"))
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            if moes:
+                window += expert_counts(moes)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainError(f"step {step}: gradient norm is {grad_norm.item()}; stopping. Last good checkpoint: "
+                             + (f"{out} (step {last_saved})" if last_saved is not None else "none"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(model, balance)  # coeff 0: only resets the load counts
+        step += 1
+        history["train"].append(step_loss)
+        n_timed += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            if cuda:
+                torch.cuda.synchronize()
+            dt = (time.time() - t_log) / n_timed  # seconds per step
+            t_log, n_timed = time.time(), 0
+            line = (f"step {step:5d}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                    f"{tokens_per_step / dt:,.0f} tok/s | {dt * 1000:.0f} ms/step")
+            if peak:
+                line += f" | mfu {100 * flops * tokens_per_step / dt / peak:.1f}%"
+            if moes:
+                spread = imbalance(window)
+                history["imbalance"].append((step, spread))
+                line += " | expert load max/mean " + " ".join(f"L{i}:{s:.2f}" for (i, _), s in zip(moes, spread))
+                window.zero_()
+            print(line)
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
+            val, loads = evaluate(model, data, cfg, autocast, cfg.eval_batches)
+            history["val"].append((step, val))
+            msg = f"eval step {step}: held-out loss {val:.4f}" + (f" (unigram entropy {baseline:.4f})" if baseline else "")
+            if loads is not None:
+                msg += "\n  held-out tokens per expert (%): " + " | ".join(
+                    f"L{i}: " + " ".join(f"{100 * v:.0f}" for v in (row / row.sum()).tolist())
+                    for (i, _), row in zip(moes, loads))
+            print(msg)
+            checkpoint_now()
+            last_saved = step
+            t_log, n_timed = time.time(), 0  # do not count evaluation and saving in tokens/s
+        if stopping:
+            print(f"stopping after step {step} as asked (--stop-after); continue with --resume")
+            break
+    history["final_val"] = None
+    if step == cfg.max_steps:  # the whole held-out set, not just --eval-batches of it
+        history["final_val"], _ = evaluate(model, data, cfg, autocast, None)
+        print(f"held-out loss on all {('tokens' if baseline else 'conversations')}: {history['final_val']:.4f} nats"
+              + (f" vs unigram entropy {baseline:.4f} nats" if baseline else ""))
+    history["unigram"] = baseline
+    return history
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train Llama 4 from scratch or fine-tune a checkpoint (full, chat SFT, LoRA).",
+        epilog="Fine-tuning: use a smaller --lr than the default for --init-from (e.g. 1e-4 full, 1e-3 LoRA).")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--debug", action="store_true", help="the debug flavor from scratch on CPython's own "
+                   "documentation and docstrings (no download), into out/debug")
+    g.add_argument("--flavor", choices=sorted(FLAVORS), help="train this flavor from scratch (see model.py)")
+    g.add_argument("--init-from", metavar="DIR", help="start from a checkpoint (Hugging Face, Meta or ours)")
+    g.add_argument("--data", metavar="PATH", help="a text file or directory of text files to train on")
+    g.add_argument("--sft", metavar="FILE.jsonl", help='chat conversations {"messages": [...]}: loss on assistant tokens only')
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer file (default: debug, the checkpoint's, or Meta's)")
+    g.add_argument("--out", metavar="DIR", help="run directory (default out/debug with --debug, else out/run)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=12, help="sequences per micro-batch")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak")
+    g.add_argument("--warmup-steps", type=int, default=20)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only (not norms or embeddings)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--seed", type=int, default=1337, help="initialization and data order")
+    g.add_argument("--balance-coeff", type=float, default=1e-3,
+                   help="MoE expert-bias step per optimizer step (aux-loss-free balancing); 0 = off")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", type=int, default=0, metavar="RANK", help="train rank-RANK adapters, base frozen")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale is alpha / rank")
+    g.add_argument("--lora-targets", default="wq,wv", help=f"comma-separated, from {','.join(lora.LINEAR_TARGETS)}")
+    g.add_argument("--merge-lora", action="store_true", help="also save the merged model (readable by generate.py)")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--val-frac", type=float, default=0.1, help="share of the data held out")
+    g.add_argument("--eval-interval", type=int, default=50, help="evaluate and checkpoint every N steps")
+    g.add_argument("--eval-batches", type=int, default=4, help="held-out batches per periodic evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--stop-after", type=int, metavar="STEP", help="checkpoint and stop after this step, "
+                   "as if interrupted (the schedule still runs to --max-steps)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--peak-tflops", type=float, help="accelerator peak for the MFU column (known GPUs: auto)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    cfg = make_parser().parse_args(argv)
+    if cfg.out is None:
+        cfg.out = "out/debug" if cfg.debug else "out/run"
+    if cfg.resume:
+        path = Path(cfg.out) / TRAINER_FILE
+        if not path.is_file() and not Path(cfg.out).with_name(f".{Path(cfg.out).name}.old").is_dir():
+            raise TrainError(f"--resume: no {TRAINER_FILE} in {cfg.out}")
+        recover_run_dir(Path(cfg.out))
+        saved = json.loads(torch.load(path, weights_only=True, map_location="cpu")["config"])
+        only_given = make_parser()  # a parser without defaults returns just the options on the command line
+        for action in only_given._actions:
+            action.default = argparse.SUPPRESS
+        explicit = vars(only_given.parse_args(argv))
+        clash = {k for k, v in explicit.items() if k not in RESUME_OVERRIDABLE | {"out"} and saved.get(k) != v}
+        if clash:
+            raise TrainError(f"--resume uses the run's saved settings; these differ: {', '.join(sorted(clash))}")
+        saved.update(stop_after=None, **{k: v for k, v in explicit.items() if k in RESUME_OVERRIDABLE})
+        return argparse.Namespace(**saved)
+    if cfg.debug and not cfg.init_from:
+        cfg.flavor = cfg.flavor or "debug"
+    if not cfg.flavor and not cfg.init_from:
+        raise TrainError("say what to train: --debug, --flavor NAME (from scratch) or --init-from DIR")
+    if cfg.flavor and cfg.init_from:
+        raise TrainError("--flavor (from scratch) and --init-from (a checkpoint) exclude each other")
+    if cfg.lora and not cfg.init_from:
+        raise TrainError("--lora adapts a trained model: give its checkpoint with --init-from DIR")
+    if cfg.data and cfg.sft:
+        raise TrainError("--data (plain text) and --sft (conversations) exclude each other")
+    if cfg.warmup_steps >= cfg.max_steps:
+        cfg.warmup_steps = max(1, cfg.max_steps // 10)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        t0 = time.time()
+        train(cfg)
+        print(f"done in {time.time() - t0:.0f} s; checkpoint in {cfg.out}")
+    except (TrainError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
