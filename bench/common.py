@@ -1,0 +1,259 @@
+"""Shared helpers for the benchmarks in bench/: the model they run, timing, tables, memory bandwidth.
+
+Every benchmark compares this project against transformers' `Llama4ForCausalLM` *on the same checkpoint*:
+the script builds a randomly initialized transformers model, writes it once with `save_pretrained` into a
+temporary directory, and both implementations load that directory (theirs with `from_pretrained`, ours
+with `checkpoint.load_model`). Timings alternate between the two (A B B A ...) so that a noisy neighbour
+on a shared machine slows both alike, and every number reported is a median over repetitions.
+
+The model (`BENCH`) is sized for a 2-core CPU so that reading weights, not Python, dominates decoding:
+dim 512, 8 layers, 16 experts top-1 with MoE on every layer (Scout's layout), vocab 32000 -- 252M
+parameters in all, 47M of them read per decoded token (embedding table excluded: a token reads one row).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+# OpenMP worker threads that spin while waiting for work steal the CPU from the thread that has work when
+# other processes share the cores: on a busy 2-core machine a spinning default made every small parallel
+# op wait for a scheduler slice (~20 ms). Sleeping waiters (PASSIVE) fix that for both implementations
+# alike. Must be set before torch loads OpenMP; export OMP_WAIT_POLICY=ACTIVE to measure the other way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/NAME.py` from anywhere: the project's modules come first on the path (bench/moe.py must not
+# shadow the project's moe.py).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# The decode/prefill model, as transformers config fields (Llama4TextConfig). RoPE as Scout's (Meta's 16/1/1
+# llama3 scaling, theta 5e5), 8192-token attention chunks, layer 3 and 7 NoPE, QK-norm on.
+BENCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048,
+             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+             num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
+             attention_chunk_size=8192, max_position_embeddings=16384, rms_norm_eps=1e-5,
+             rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
+                                  high_freq_factor=1.0, original_max_position_embeddings=8192))
+
+
+def setup(threads: int = 2, seed: int = 0) -> None:
+    """Same conditions for every benchmark: `threads` intra-op threads, seeded; transformers' warnings about
+    Scout's llama3 RoPE settings (low == high frequency factor) and its progress bars silenced."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building and loading the checkpoint both implementations read
+# --------------------------------------------------------------------------------------------------------
+
+def hf_config(**fields):
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(**{**BENCH, **fields})
+
+
+def hf_config_from_args(args) -> "Llama4TextConfig":
+    """A transformers config for one of our ModelArgs (e.g. model.FLAVORS["debug"])."""
+    from transformers import Llama4TextConfig
+
+    rope = dict(rope_type="default", rope_theta=args.rope_theta)
+    if args.rope_scaling:
+        s = args.rope_scaling
+        rope = dict(rope_type="llama3", rope_theta=args.rope_theta, factor=s["factor"],
+                    low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
+                    original_max_position_embeddings=s["original_context"])
+    return Llama4TextConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.moe_hidden_dim,
+        intermediate_size_mlp=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+        num_local_experts=args.n_experts, num_experts_per_tok=args.top_k,
+        interleave_moe_layer_step=args.interleave_moe_layer_step, moe_layers=list(args.moe_layers),
+        no_rope_layers=[0 if i in args.nope_layers else 1 for i in range(args.n_layers)],
+        use_qk_norm=args.use_qk_norm, attention_chunk_size=args.attention_chunk_size,
+        attn_temperature_tuning=args.attn_temperature_tuning, floor_scale=int(args.floor_scale),
+        attn_scale=args.attn_scale, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
+        rope_parameters=rope)
+
+
+def write_checkpoint(cfg, directory: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialized transformers Llama4ForCausalLM (fp32), saved with save_pretrained."""
+    from transformers import Llama4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(cfg)
+    model.save_pretrained(directory)
+    del model
+    gc.collect()
+    return Path(directory)
+
+
+def load_theirs(path, dtype: torch.dtype):
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def load_ours(path, dtype: torch.dtype):
+    import checkpoint
+
+    return checkpoint.load_model(path, dtype=dtype)
+
+
+def temp_checkpoint(cfg, seed: int = 0) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """Write the checkpoint into a fresh temporary directory; keep the returned handle alive while in use."""
+    tmp = tempfile.TemporaryDirectory(prefix="llama4-bench-")
+    return tmp, write_checkpoint(cfg, tmp.name, seed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def timeit(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:
+    """Run each callable `warmup` times, then `repeats` times each, alternating A B / B A between rounds.
+
+    A callable may return its own measurement (seconds, or any number); otherwise its wall time is taken.
+    Returns name -> list of measurements.
+    """
+    names = list(runs)
+    for _ in range(warmup):
+        for n in names:
+            runs[n]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            got = runs[n]()
+            out[n].append(got if got is not None else time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------
+
+def print_table(title: str, headers: list[str], rows: list[list], notes: list[str] = ()) -> None:
+    """A Markdown table (ready to paste into a README), columns padded for the terminal."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    print(f"\n{title}\n")
+    print(line(cells[0]))
+    print("|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+    for r in cells[1:]:
+        print(line(r))
+    for n in notes:
+        print(f"\n{n}")
+    sys.stdout.flush()
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        return f"{c:.3g}" if abs(c) < 10 else f"{c:,.0f}" if abs(c) >= 1000 else f"{c:.1f}"
+    return str(c)
+
+
+def machine() -> str:
+    """CPU model name (lscpu), cores, threads used, torch and transformers versions."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    import transformers
+
+    return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory bandwidth and bytes read per token
+# --------------------------------------------------------------------------------------------------------
+
+_BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _buffers(megabytes: int):
+    if megabytes not in _BUFFERS:
+        n = megabytes * 2**20 // 4
+        _BUFFERS.clear()
+        _BUFFERS[megabytes] = (torch.ones(n), torch.empty(n), torch.ones(4096))
+    return _BUFFERS[megabytes]
+
+
+@torch.no_grad()
+def bandwidth_probe(megabytes: int = 256) -> dict[str, float]:
+    """One sample of this machine's memory bandwidth in GB/s, two ways:
+
+    - copy: `dst.copy_(src)` of a `megabytes` fp32 tensor, counting its bytes read + written;
+    - matvec: `W @ v` for an fp32 matrix of `megabytes` (what decoding does), counting W's bytes read.
+    The buffers are far larger than the caches, so these are DRAM speeds. Interleave probes with the runs
+    they bound, so that a busy neighbour slows both alike.
+    """
+    src, dst, v = _buffers(megabytes)
+    W = src.view(-1, 4096)
+    return dict(copy=2 * src.nbytes / timeit(lambda: dst.copy_(src)) / 1e9,
+                matvec=W.nbytes / timeit(lambda: W @ v) / 1e9)
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 9) -> dict[str, float]:
+    """Medians of `repeats` bandwidth probes, GB/s, and "best": the larger of the two medians."""
+    probes = [bandwidth_probe(megabytes) for _ in range(repeats)]
+    out = {k: median([p[k] for p in probes]) for k in ("copy", "matvec")}
+    return dict(out, best=max(out.values()))
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was (a shared machine makes timings noisy)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def weight_bytes_per_step(model, distinct_experts: list[float]) -> float:
+    """Bytes of weights one decoding step of our `model` must read, given the number of distinct experts
+    used in each MoE layer: every parameter except the embedding table (one row per token: negligible) and
+    except the routed experts nobody chose."""
+    from moe import MoE
+
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == len(distinct_experts)
+    for m, used in zip(moes, distinct_experts):
+        per_expert = sum(p.numel() * p.element_size() for p in m.experts.parameters()) / m.n_experts
+        total -= per_expert * (m.n_experts - used)
+    return total

@@ -1,0 +1,131 @@
+"""Decode speed: tokens/s at batch 1 and 8 after a 512-token prompt, ours vs transformers, fp32 and bf16.
+
+Both implementations load the same checkpoint (bench/common.py) and run the same greedy loop: one forward
+over the prompt fills a KV cache (not timed), then each step feeds the token just chosen. The cache right
+after the prompt is kept aside and put back before every timed segment of --steps tokens, so every segment
+decodes positions 512, 513, ...; segments alternate between the two implementations.
+
+Each row also prints gpt-fast's "bandwidth achieved": decoding is bound by reading weights, so
+  bound (tok/s) = batch * memory bandwidth / bytes of weights one step must read,
+where the bytes are the active parameters (every weight but the embedding table and the routed experts no
+token chose; at batch 8 the distinct experts actually used, counted per layer) times bytes per parameter,
+and the bandwidth is measured here, interleaved with the decoding runs (the larger of a big copy and a big
+matrix-vector product, median of the samples).
+transformers runs every expert on every token, so it reads all of them.
+
+    python bench/decode.py                  # fp32 and bf16, batch 1 and 8
+    python bench/decode.py --dtypes fp32 --batches 1 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import common  # first: sets up the path and OpenMP before torch loads
+import torch
+
+
+@torch.no_grad()
+def prefill_theirs(hf, prompt):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf.config)
+    logits = hf(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return cache, logits.argmax(-1)
+
+
+@torch.no_grad()
+def decode_theirs(hf, cache, token, steps: int) -> list[int]:
+    out = []
+    for _ in range(steps):
+        logits = hf(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1)
+        out.append(token)
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def prefill_ours(model, prompt, steps: int):
+    cache = model.make_cache(prompt.shape[0], prompt.shape[1] + steps + 1)
+    return cache, model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1)
+
+
+@torch.no_grad()
+def decode_ours(model, cache, token, steps: int, experts_used: list | None = None):
+    out = []
+    for _ in range(steps):
+        token = model(token[:, None], cache=cache, last_only=True)[:, -1].argmax(-1)
+        out.append(token)
+        if experts_used is not None:
+            experts_used.append([l.feed_forward.last_expert_ids.unique().numel() for l in model.layers
+                                 if hasattr(l.feed_forward, "experts")])
+    return torch.stack(out, 1)
+
+
+def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
+    dtype = common.DTYPES[dtype_name]
+    hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
+    prompt = torch.randint(0, hf.config.vocab_size, (batch, a.prompt), generator=torch.Generator().manual_seed(batch))
+    hf_cache, hf_first = prefill_theirs(hf, prompt)
+    our_cache, our_first = prefill_ours(ours, prompt, a.steps)
+
+    # One untimed segment each: warms up, checks agreement, counts the experts ours actually reads.
+    used: list[list[int]] = []
+    ours_tokens = decode_ours(ours, copy.deepcopy(our_cache), our_first, a.steps, used)
+    theirs_tokens = decode_theirs(hf, copy.deepcopy(hf_cache), hf_first, a.steps)
+    agree = (torch.cat([our_first[:, None], ours_tokens], 1) == torch.cat([hf_first[:, None], theirs_tokens], 1))
+    distinct = [sum(step[i] for step in used) / len(used) for i in range(len(used[0]))]
+    bytes_step = common.weight_bytes_per_step(ours, distinct)
+
+    def run(decode, model, cache, first):
+        def go():
+            c = copy.deepcopy(cache)
+            return common.timeit(lambda: decode(model, c, first, a.steps))
+        return go
+
+    times = common.interleaved({"transformers": run(decode_theirs, hf, hf_cache, hf_first),
+                                "ours": run(decode_ours, ours, our_cache, our_first),
+                                "bandwidth": lambda: max(common.bandwidth_probe().values())}, a.repeats, warmup=0)
+    bandwidth = common.median(times.pop("bandwidth"))  # GB/s
+    bound = batch * bandwidth * 1e9 / bytes_step
+    tps = {k: batch * a.steps / common.median(v) for k, v in times.items()}
+    all_experts = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != "tok_embeddings.weight")
+    rows = []
+    for name in ("transformers", "ours"):
+        rows.append([dtype_name, batch, name, tps[name], f"{tps[name] / tps['transformers']:.2f}x",
+                     f"{bytes_step / 1e6:.0f}", f"{bandwidth:.1f}", f"{bound:.0f}", f"{100 * tps[name] / bound:.0f}%"])
+    print(f"  {dtype_name} batch {batch}: greedy tokens agree {int(agree.sum())}/{agree.numel()}; "
+          f"distinct experts per layer {sum(distinct) / len(distinct):.2f}; transformers reads "
+          f"{all_experts / 1e6:.0f} MB/step (all experts)", flush=True)
+    del hf, ours
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(common.DTYPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt", type=int, default=512, help="prompt length in tokens (512)")
+    p.add_argument("--steps", type=int, default=16, help="decoded tokens per timed segment (16)")
+    p.add_argument("--repeats", type=int, default=5, help="timed segments per implementation (5)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    common.setup(a.threads)
+    load = common.load_average()
+    tmp, path = common.temp_checkpoint(common.hf_config())
+    rows = []
+    with tmp:
+        for dtype_name in a.dtypes:
+            for batch in a.batches:
+                rows += bench_one(path, dtype_name, batch, a)
+    common.print_table(
+        f"Decode after a {a.prompt}-token prompt, tokens/s (median of {a.repeats} x {a.steps} tokens); "
+        f"{common.machine()}; load average {load} -> {common.load_average()}",
+        ["dtype", "batch", "implementation", "tok/s", "vs transformers", "MB read/step", "GB/s",
+         "bound tok/s", "of bound"], rows,
+        ["Bound = batch x memory bandwidth (GB/s, measured between the runs) / bytes of weights one step must "
+         "read (active parameters; at batch > 1 the distinct experts used)."])
+
+
+if __name__ == "__main__":
+    main()
