@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -141,14 +142,11 @@ class TextData:
         rows = torch.stack([self.train[s:s + self.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
         return rows[:, :-1], rows[:, 1:]
 
-    def eval_batches(self, batch_size: int, max_batches: int | None):
+    def eval_batches(self, batch_size: int):
         """Consecutive non-overlapping windows of the held-out tokens, the same ones every time."""
-        T = self.seq_len
-        starts = list(range(0, len(self.val) - T, T))
+        starts = list(range(0, len(self.val) - self.seq_len, self.seq_len))
         for b in range(0, len(starts), batch_size):
-            if max_batches is not None and b // batch_size >= max_batches:
-                return
-            rows = torch.stack([self.val[s:s + T + 1] for s in starts[b:b + batch_size]])
+            rows = torch.stack([self.val[s:s + self.seq_len + 1] for s in starts[b:b + batch_size]])
             yield rows[:, :-1], rows[:, 1:]
 
 
@@ -229,10 +227,8 @@ class ChatData:
         picks = torch.randint(0, len(self.train), (batch_size,), generator=g).tolist()
         return self.collate([self.train[i] for i in picks])
 
-    def eval_batches(self, batch_size: int, max_batches: int | None):
+    def eval_batches(self, batch_size: int):
         for b in range(0, len(self.val), batch_size):
-            if max_batches is not None and b // batch_size >= max_batches:
-                return
             yield self.collate(self.val[b:b + batch_size])
 
 
@@ -346,7 +342,7 @@ def evaluate(model, data, cfg, autocast, max_batches) -> tuple[float, torch.Tens
     model.eval()
     moes = moe_layers(model)
     total, count, loads = 0.0, 0, None
-    for x, y in data.eval_batches(cfg.batch_size, max_batches):
+    for x, y in itertools.islice(data.eval_batches(cfg.batch_size), max_batches):
         x, y = x.to(cfg.device), y.to(cfg.device)
         with autocast:
             logits = model(x)
@@ -383,14 +379,11 @@ def plot_run(directory: Path, history: dict, baseline: float | None, loads: torc
     fig.save(str(directory / "routing.png"))
 
 
-def _old(out: Path) -> Path:
-    return out.with_name(f".{out.name}.old")
-
-
 def recover_run_dir(out: Path) -> None:
     """A kill between the two renames of save_run leaves only OUT's previous version: put it back."""
-    if not out.exists() and _old(out).exists():
-        os.replace(_old(out), out)
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.exists():
+        os.replace(old, out)
 
 
 def save_run(out: Path, model, cfg, state: dict, tok_path: Path, plots) -> None:
@@ -398,8 +391,9 @@ def save_run(out: Path, model, cfg, state: dict, tok_path: Path, plots) -> None:
     elsewhere with two renames, and recover_run_dir undoes a kill between them)."""
     import checkpoint
     recover_run_dir(out)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, old = out.with_name(f".{out.name}.staging"), out.with_name(f".{out.name}.old")
+    for leftover in [staging, *out.parent.glob(f".{staging.name}.tmp-*")]:  # from a run killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
     if not cfg.lora or cfg.merge_lora:  # a full model that generate.py and load_model read
         checkpoint.save_checkpoint(lora.merged_copy(model) if cfg.lora else model, staging)
     staging.mkdir(parents=True, exist_ok=True)
@@ -415,11 +409,11 @@ def save_run(out: Path, model, cfg, state: dict, tok_path: Path, plots) -> None:
     if out.exists() and swap_dirs(staging, out):  # one atomic step: readers never find OUT missing
         shutil.rmtree(staging, ignore_errors=True)  # (it now holds the previous checkpoint)
         return
-    shutil.rmtree(_old(out), ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        os.replace(out, _old(out))
+        os.replace(out, old)
     os.replace(staging, out)
-    shutil.rmtree(_old(out), ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def swap_dirs(a: Path, b: Path) -> bool:
@@ -432,111 +426,115 @@ def swap_dirs(a: Path, b: Path) -> bool:
     return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
-def rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
 # --------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------
 
-def train(cfg) -> dict:
-    """Run (or resume) training as configured; returns the history {train, val, imbalance, ...}."""
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    resume_dir = None
-    if cfg.resume:
-        recover_run_dir(out)
-        if not (out / TRAINER_FILE).is_file():
-            raise TrainError(f"--resume: no {TRAINER_FILE} in {out} (nothing to resume)")
-        state = torch.load(out / TRAINER_FILE, weights_only=True, map_location="cpu")
-        resume_dir = out
-
-    tok, tok_path = load_tokenizer(cfg)
+def load_data(cfg, tok: Tokenizer):
+    """The dataset, and for plain text the unigram baseline: the entropy of the training tokens' frequencies."""
     t0 = time.time()
     if cfg.sft:
         data = ChatData(tok, cfg.sft, cfg.seq_len, cfg.val_frac)
-    else:
-        data = TextData(tok, read_text_path(cfg.data) if cfg.data else builtin_corpus(), cfg.seq_len, cfg.val_frac)
-    n_train = len(data.train) if isinstance(data, TextData) else sum(int((y != IGNORE).sum()) for _, y in data.train)
-    baseline = unigram_entropy(data.train, tok.n_words) if isinstance(data, TextData) else None
-    print(f"data: {data.n_docs} documents -> {n_train:,} training targets ({time.time() - t0:.1f} s)"
-          + (f", {len(data.val):,} held-out tokens; unigram entropy {baseline:.3f} nats" if baseline else ""))
+        print(f"data: {len(data.train)} training / {len(data.val)} held-out conversations ({time.time() - t0:.1f} s)")
+        return data, None
+    data = TextData(tok, read_text_path(cfg.data) if cfg.data else builtin_corpus(), cfg.seq_len, cfg.val_frac)
+    baseline = unigram_entropy(data.train, tok.n_words)
+    print(f"data: {data.n_docs} documents -> {len(data.train):,} training + {len(data.val):,} held-out tokens "
+          f"({time.time() - t0:.1f} s); unigram entropy of the training tokens {baseline:.3f} nats")
+    return data, baseline
 
-    model = build_model(cfg, resume_dir).to(cfg.device)
+
+def train_step(fwd, model, optimizer, data, cfg, step: int, autocast, window) -> tuple[float, float]:
+    """One optimizer step over cfg.grad_accum micro-batches -> (mean loss, gradient norm before clipping).
+    A non-finite loss or gradient norm is returned without updating the weights: the caller stops."""
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = data.batch(batch_rng(cfg.seed, step, micro), cfg.batch_size)  # (B, T), (B, T)
+        x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+        with autocast:
+            logits = fwd(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        if not torch.isfinite(loss):
+            return loss.item(), math.nan
+        (loss / cfg.grad_accum).backward()
+        total += loss.item()
+        if window is not None:
+            window += expert_counts(moe_layers(model))
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    if torch.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum, float(norm)
+
+
+def describe_eval(step: int, val: float, baseline: float | None, loads: torch.Tensor | None, moes) -> str:
+    msg = f"eval step {step}: held-out loss {val:.4f}" + (f" (unigram entropy {baseline:.4f})" if baseline else "")
+    if loads is not None:
+        msg += "\n  held-out tokens per expert (%): " + " | ".join(
+            f"L{i}: " + " ".join(f"{100 * v:.0f}" for v in (row / row.sum()).tolist()) for (i, _), row in zip(moes, loads))
+    return msg
+
+
+def train(cfg) -> dict:
+    """Run (or resume) training as configured; returns the history {train, val, imbalance, final_val, ...}."""
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        recover_run_dir(out)
+        state = torch.load(out / TRAINER_FILE, weights_only=True, map_location="cpu")
+    tok, tok_path = load_tokenizer(cfg)
+    data, baseline = load_data(cfg, tok)
+    model = build_model(cfg, out if cfg.resume else None).to(cfg.device)
     if model.args.vocab_size < tok.n_words:
         raise TrainError(f"tokenizer has {tok.n_words} ids but the model's vocabulary is {model.args.vocab_size}")
-    counts = param_counts(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-          f"{trainable / 1e6:.2f}M trainable")
+    counts, trainable = param_counts(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token), "
+          f"{trainable / 1e6:.2f}M trained")
     optimizer = configure_optimizer(model, cfg)
-    history = dict(train=[], val=[], imbalance=[])
-    step = 0
-    if resume_dir is not None:
+    step, history, last_saved = 0, dict(train=[], val=[], imbalance=[], unigram=baseline), None
+    if cfg.resume:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         step, history = state["step"], json.loads(state["history"])
+        last_saved = step
         print(f"resumed {out} at step {step}")
 
     cuda = torch.device(cfg.device).type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     fwd = torch.compile(model) if cfg.compile else model
     moes = moe_layers(model)
-    balance = 0.0 if cfg.lora else cfg.balance_coeff  # LoRA keeps the router (and its bias) frozen
+    window = torch.zeros(len(moes), moes[0][1].n_experts) if moes else None  # expert loads since the last log
+    balance = 0.0 if cfg.lora else cfg.balance_coeff  # LoRA keeps the router and its bias frozen
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    flops = flops_per_token(model, cfg.seq_len)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else next(
         (v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
-    flops = flops_per_token(model, cfg.seq_len)
-    window = torch.zeros(len(moes), moes[0][1].n_experts) if moes else None
-    last_saved = step if resume_dir is not None else None
-    t_log, n_timed, loads = time.time(), 0, None
-
-    def checkpoint_now():
-        state = dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), history=json.dumps(history),
-                     config=json.dumps(vars(cfg)), data_position=dict(seed=cfg.seed, next_step=step))
-        save_run(out, model, cfg, state, tok_path, lambda d: plot_run(d, history, baseline, loads, moes))
-
+    loads = None
     if step == 0:  # where the loss starts: about ln(vocab) for a fresh model
         history["val"].append((0, evaluate(model, data, cfg, autocast, cfg.eval_batches)[0]))
         print(f"eval step 0: held-out loss {history['val'][0][1]:.4f}")
+    t_log, n_timed = time.time(), 0
+
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = data.batch(batch_rng(cfg.seed, step, micro), cfg.batch_size)
-            x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
-            with autocast:
-                logits = fwd(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-            if not torch.isfinite(loss):
-                raise TrainError(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is "
-                                 + (f"{out} (step {last_saved})" if last_saved is not None else "none (none written yet)"))
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            if moes:
-                window += expert_counts(moes)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainError(f"step {step}: gradient norm is {grad_norm.item()}; stopping. Last good checkpoint: "
-                             + (f"{out} (step {last_saved})" if last_saved is not None else "none"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(model, balance)  # coeff 0: only resets the load counts
-        step += 1
-        history["train"].append(step_loss)
-        n_timed += 1
+        loss, grad_norm = train_step(fwd, model, optimizer, data, cfg, step, autocast, window)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            kept = f"{out} (step {last_saved})" if last_saved is not None else "none (none written yet)"
+            raise TrainError(f"step {step + 1}: {what}; stopping. The last good checkpoint is {kept}")
+        update_expert_bias(model, balance)  # nudge the routing biases toward even load; coeff 0: only reset counts
+        step, n_timed = step + 1, n_timed + 1
+        history["train"].append(loss)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             if cuda:
                 torch.cuda.synchronize()
-            dt = (time.time() - t_log) / n_timed  # seconds per step
-            t_log, n_timed = time.time(), 0
-            line = (f"step {step:5d}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+            dt, t_log, n_timed = (time.time() - t_log) / n_timed, time.time(), 0  # seconds per step
+            line = (f"step {step:5d}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
                     f"{tokens_per_step / dt:,.0f} tok/s | {dt * 1000:.0f} ms/step")
             if peak:
                 line += f" | mfu {100 * flops * tokens_per_step / dt / peak:.1f}%"
@@ -550,24 +548,20 @@ def train(cfg) -> dict:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
             val, loads = evaluate(model, data, cfg, autocast, cfg.eval_batches)
             history["val"].append((step, val))
-            msg = f"eval step {step}: held-out loss {val:.4f}" + (f" (unigram entropy {baseline:.4f})" if baseline else "")
-            if loads is not None:
-                msg += "\n  held-out tokens per expert (%): " + " | ".join(
-                    f"L{i}: " + " ".join(f"{100 * v:.0f}" for v in (row / row.sum()).tolist())
-                    for (i, _), row in zip(moes, loads))
-            print(msg)
-            checkpoint_now()
-            last_saved = step
-            t_log, n_timed = time.time(), 0  # do not count evaluation and saving in tokens/s
+            print(describe_eval(step, val, baseline, loads, moes))
+            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else [])
+            state = dict(step=step, optimizer=optimizer.state_dict(), rng=rng, history=json.dumps(history),
+                         config=json.dumps(vars(cfg)), data_position=dict(seed=cfg.seed, next_step=step))
+            save_run(out, model, cfg, state, tok_path, lambda d: plot_run(d, history, baseline, loads, moes))
+            last_saved, t_log, n_timed = step, time.time(), 0  # evaluating and saving do not count in tok/s
         if stopping:
             print(f"stopping after step {step} as asked (--stop-after); continue with --resume")
             break
     history["final_val"] = None
     if step == cfg.max_steps:  # the whole held-out set, not just --eval-batches of it
         history["final_val"], _ = evaluate(model, data, cfg, autocast, None)
-        print(f"held-out loss on all {('tokens' if baseline else 'conversations')}: {history['final_val']:.4f} nats"
-              + (f" vs unigram entropy {baseline:.4f} nats" if baseline else ""))
-    history["unigram"] = baseline
+        print(f"held-out loss on all held-out {'tokens' if baseline else 'conversations'}: {history['final_val']:.4f} "
+              "nats" + (f" vs unigram entropy {baseline:.4f} nats" if baseline else ""))
     return history
 
 
