@@ -1,14 +1,14 @@
 """Weight-only quantization of Llama 4: int4 (group-wise) and FP8 (row-wise) expert weights.
 
-Scout is 218 GB in bf16 and almost all of it is routed experts (96.6B of its 108.6B parameters), so storing
+Scout is 217 GB in bf16 and almost all of it is routed experts (96.6B of its 108.6B parameters), so storing
 just the experts in 4 bits is what lets Scout "fit on a single H100". What makes this work for Llama 4:
 
-1. The experts are ~90% of the weights but each token reads only one of them: quantizing the experts shrinks
-   memory ~3.9x for those tensors while the attention, router, norms and embeddings stay in bf16.
-   Scout int4: routed experts only ~74 GB; routed + shared experts (Meta's `int4_mixed`) ~65 GB.
-2. Meta's reference ships two recipes (fbgemm kernels, CUDA only): int4 symmetric with one scale per group
-   of 128 weights along the reduction dimension, and FP8 e4m3 with one scale per output row (Maverick's
-   released FP8 checkpoint uses the latter). Both are implemented here in plain PyTorch.
+1. The routed experts are 89% of Scout's weights (96% of Maverick's) and the attention, router, norms and
+   embeddings are small: quantizing the experts alone shrinks the model ~2.9x. Scout int4: routed experts
+   only ~74 GB; routed + shared experts (Meta's `int4_mixed`) ~65 GB. Maverick FP8 experts: 803 -> ~417 GB.
+2. Meta's reference has two recipes (fbgemm kernels, CUDA only): `int4_mixed`, symmetric int4 with one
+   scale per group of 128 weights along the reduction dimension, and `fp8_mixed`, e4m3 with one scale per
+   output row. Both formats are implemented here in plain PyTorch.
 3. Weight-only: activations stay in the model dtype. A quantized matmul dequantizes the weight tile by tile
    (one block of rows of one expert at a time), so no bf16 copy of a layer ever exists. On CUDA it uses
    PyTorch's fused kernels instead: `torch._weight_int4pack_mm` (int4) and `torch._scaled_mm` (FP8).
@@ -152,18 +152,19 @@ class QuantizedLinear(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
         self.in_features, self.out_features, self.mode, self.stack = in_features, out_features, mode, stack
-        lead = (stack,) if stack is not None else ()
-        if mode == "int4":
-            self.group_size = int4_group_size(in_features, group_size)
-            q_shape, q_dtype = (*lead, out_features, in_features // 2), torch.uint8
-            s_shape, s_dtype = (*lead, out_features, in_features // self.group_size), torch.bfloat16
-        else:
-            self.group_size = in_features  # one scale per row
-            q_shape, q_dtype = (*lead, out_features, in_features), torch.float8_e4m3fn
-            s_shape, s_dtype = (*lead, out_features), torch.float32
+        # int4: groups along the input dimension; fp8: one scale per row
+        self.group_size = int4_group_size(in_features, group_size) if mode == "int4" else in_features
+        (q_shape, q_dtype), (s_shape, s_dtype) = self._buffer_specs()
         self.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype))
         self.register_buffer("scale", torch.empty(s_shape, dtype=s_dtype))
         self.layout = "plain"  # "tinygemm" once int4 weights are repacked for the CUDA kernel (in place)
+
+    def _buffer_specs(self):
+        lead = (self.stack,) if self.stack is not None else ()
+        N, K = self.out_features, self.in_features
+        if self.mode == "int4":
+            return ((*lead, N, K // 2), torch.uint8), ((*lead, N, K // self.group_size), torch.bfloat16)
+        return ((*lead, N, K), torch.float8_e4m3fn), ((*lead, N), torch.float32)
 
     def extra_repr(self) -> str:
         stack = f", stack={self.stack}" if self.stack is not None else ""
@@ -174,12 +175,13 @@ class QuantizedLinear(nn.Module):
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize w [.., out, in] (any float dtype, any device) into the buffers, one matrix at a time so
         that the fp32 temporaries stay the size of one expert."""
-        if tuple(w.shape) != tuple(self.qweight.shape[:-1]) + (self.in_features,):
+        (q_shape, q_dtype), (s_shape, s_dtype) = self._buffer_specs()
+        if tuple(w.shape) != q_shape[:-1] + (self.in_features,):
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit {self.extra_repr()}")
-        if w.dtype == torch.int8 or not w.is_floating_point():
+        if not w.is_floating_point():
             raise ValueError(f"can only quantize floating-point weights, got {w.dtype}")
-        self.qweight = torch.empty(self.qweight.shape, dtype=self.qweight.dtype, device=w.device)
-        self.scale = torch.empty(self.scale.shape, dtype=self.scale.dtype, device=w.device)
+        self.qweight = torch.empty(q_shape, dtype=q_dtype, device=w.device)
+        self.scale = torch.empty(s_shape, dtype=s_dtype, device=w.device)
         mats = [(self.qweight[e], self.scale[e], w[e]) for e in range(self.stack)] if self.stack is not None \
             else [(self.qweight, self.scale, w)]
         for q_out, s_out, m in mats:
@@ -219,7 +221,7 @@ class QuantizedLinear(nn.Module):
                 and K % (INNER_K_TILES * 16) == 0 and N % 8 == 0)
 
     def _forward_cuda(self, x: torch.Tensor, e: int | None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
         if x2.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         if self.mode == "fp8":
