@@ -403,13 +403,14 @@ def quantizing_assign(model: nn.Module, mode: str, group_size: int = GROUP_SIZE,
 
 
 def load_quantized(path: str | os.PathLike, mode: str, group_size: int = GROUP_SIZE, targets=("experts",),
-                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   vision: bool = False) -> nn.Module:
     """Load a checkpoint with the routed experts quantized while they stream in (checkpoint.load_model),
     then quantize any other targets in place: those are small, so the peak stays near the final size."""
     targets = check_options(mode, targets)
     on_the_fly = "experts" in targets
-    model = checkpoint.load_model(path, device=device, dtype=dtype, quantize=mode if on_the_fly else None,
-                                  group_size=group_size)
+    model = checkpoint.load_model(path, device=device, dtype=dtype, vision=vision,
+                                  quantize=mode if on_the_fly else None, group_size=group_size)
     rest = [t for t in targets if t != "experts"]
     if rest:
         quantize_model(model, mode, group_size, rest)
@@ -568,28 +569,29 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=MODES, default="int4", help="int4: 4-bit groups along the input dim "
                    "(~0.26x of bf16); fp8: e4m3 with a scale per output row (0.5x)")
     p.add_argument("--out", help="write the quantized checkpoint to this directory")
-    p.add_argument("--report", action="store_true", help="print per-tensor error and total bytes; writes nothing")
+    p.add_argument("--report", action="store_true", help="print per-tensor error and total bytes (text model)")
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, help="int4 group size (a power of two)")
     p.add_argument("--targets", default="experts",
                    help=f"comma-separated modules to quantize, from {','.join(TARGETS)} (default: experts; "
                         "the router, norms, embeddings and output head are never quantized)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="dtype of the tensors left unquantized "
                    "(default: as stored)")
+    p.add_argument("--vision", action="store_true", help="keep the vision encoder (left unquantized) in --out")
     a = p.parse_args(argv)
     if not a.out and not a.report:
         p.error("nothing to do: give --out DIR and/or --report")
     if a.group_size < 2 or a.group_size & (a.group_size - 1):
         p.error(f"--group-size must be a power of two >= 2, got {a.group_size}")
+    if a.out and Path(a.out).resolve() == Path(a.ckpt).resolve():
+        p.error("--out must differ from --ckpt")
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     try:
         check_options(a.mode, targets)
         if a.report:
             report(a.ckpt, a.mode, a.group_size, targets)
         if a.out:
-            if Path(a.out).resolve() == Path(a.ckpt).resolve():
-                p.error("--out must differ from --ckpt")
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype)
-            model = load_quantized(a.ckpt, a.mode, a.group_size, targets, dtype)
+            model = load_quantized(a.ckpt, a.mode, a.group_size, targets, dtype, vision=a.vision)
             save_quantized(model, a.out, tokenizer=find_tokenizer(Path(a.ckpt)))
             q = sum(b.numel() * b.element_size() for b in model.state_dict().values())
             print(f"wrote {a.out}: {a.mode} ({', '.join(targets)}), {_size(q)}")
