@@ -207,7 +207,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cis: torch.Tensor, cache: KVCache | None,
-                plain_causal: bool) -> torch.Tensor:
+                plain_causal: bool, masks: dict) -> torch.Tensor:
+        """masks: shared by all layers of one forward, one mask per chunk size (None = NoPE), built by the first
+        layer that needs it -- every layer of a kind holds keys at the same positions, so the masks agree."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
@@ -226,8 +228,9 @@ class Attention(nn.Module):
         if plain_causal and (self.chunk is None or T <= self.chunk):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            mask = attention_mask(pos, k_pos, self.chunk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if self.chunk not in masks:
+                masks[self.chunk] = attention_mask(pos, k_pos, self.chunk)  # (B, 1, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.chunk], enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -246,8 +249,8 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x, pos, cis, cache, plain_causal):
-        h = x + self.attention(self.attention_norm(x), pos, cis, cache, plain_causal)
+    def forward(self, x, pos, cis, cache, plain_causal, masks):
+        h = x + self.attention(self.attention_norm(x), pos, cis, cache, plain_causal, masks)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -300,8 +303,9 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         cis = rope_angles(positions, freqs)  # (B, T, head_dim/2), complex
         h = self.embed(tokens, image_features)
+        masks = {}  # attention masks, built once per forward for each kind of layer (see Attention)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, cis, cache.layers[i] if cache is not None else None, plain_causal)
+            h = layer(h, positions, cis, cache.layers[i] if cache is not None else None, plain_causal, masks)
         if cache is not None:
             cache.next_pos = positions[:, -1] + 1
         if last_only:
