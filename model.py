@@ -167,6 +167,9 @@ class Cache:
     def nbytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes + c.pos.nbytes for c in self.layers)
 
+    def is_empty(self) -> bool:
+        return all(c.seen == 0 for c in self.layers)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Attention
@@ -295,11 +298,16 @@ class Transformer(nn.Module):
         with a cache, continuing where the cache left off.
         """
         B, T = tokens.shape
-        plain_causal = cache is None and positions is None  # training / scoring: one unpadded sequence
+        default_positions = positions is None
         if positions is None:
             start = cache.next_pos[:, None] if cache is not None else 0
             positions = start + torch.arange(T, device=tokens.device)[None]  # (B, T)
         positions = positions.expand(B, T)
+        # Attention is a plain causal triangle (SDPA's is_causal: no mask to build, the masked half skipped)
+        # when every row is one unpadded sequence from position 0 with nothing cached before it: training,
+        # scoring, and the prefill of unpadded prompts.
+        plain_causal = (cache is None and default_positions) or (
+            (cache is None or cache.is_empty()) and bool((positions == torch.arange(T, device=positions.device)).all()))
         freqs = rope_frequencies(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         cis = rope_angles(positions, freqs)  # (B, T, head_dim/2), complex
         h = self.embed(tokens, image_features)
