@@ -228,13 +228,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)  # (B, S, Hkv, D), (B, S)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
+        if x.device.type == "cpu":  # PyTorch's CPU attention is slow in bf16 for one-token queries: use fp32
+            q, k, v = q.float(), k.float(), v.float()
         if plain_causal and (self.chunk is None or T <= self.chunk):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             if self.chunk not in masks:
                 masks[self.chunk] = attention_mask(pos, k_pos, self.chunk)  # (B, 1, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.chunk], enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+        return self.wo(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
 # --------------------------------------------------------------------------------------------------------
