@@ -241,38 +241,16 @@ def args_from_native(d: dict) -> ModelArgs:
     return ModelArgs(**d)
 
 
-def vision_args_from_hf(v: dict, text_dim: int):
-    """HF vision_config -> VisionArgs. Our adapter is one width (HF: projector_input_dim = projector_output_dim
-    = vision_output_dim = 4096 in the released configs); a config where they differ is not Llama 4's."""
-    from vision import VisionArgs
-    widths = {v.get(k, 4096) for k in ("projector_input_dim", "projector_output_dim", "vision_output_dim")}
-    if len(widths) != 1:
-        raise CheckpointError(f"vision_config: projector/adapter widths differ {sorted(widths)}")
-    rope = v.get("rope_parameters") or {}
-    return VisionArgs(image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
-                      dim=v["hidden_size"], n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
-                      mlp_dim=v["intermediate_size"], pixel_shuffle_ratio=v.get("pixel_shuffle_ratio", 0.5),
-                      adapter_dim=widths.pop(), text_dim=text_dim,
-                      rope_theta=rope.get("rope_theta", v.get("rope_theta", 10000.0)), norm_eps=v.get("norm_eps", 1e-5))
-
-
-def vision_args_from_meta(v: dict, text_dim: int):
-    """Meta params.json vision_args -> VisionArgs (sizes given as {height, width}; MLP width = mlp_ratio * dim)."""
-    from vision import VisionArgs
-    side = lambda s: s["height"] if isinstance(s, dict) else s  # noqa: E731
-    return VisionArgs(image_size=side(v["image_size"]), patch_size=side(v["patch_size"]), dim=v["dim"],
-                      n_layers=v["n_layers"], n_heads=v["n_heads"], mlp_dim=int(v["mlp_ratio"] * v["dim"]),
-                      pixel_shuffle_ratio=v["pixel_shuffle_ratio"], adapter_dim=v["output_dim"], text_dim=text_dim)
-
-
 def _vision_args(path: Path, layout: str, cfg: dict, text: ModelArgs):
-    if layout == "hf":
-        if "vision_config" not in cfg:
-            raise CheckpointError(f"{path}: config.json has no vision_config: a text-only checkpoint")
-        return vision_args_from_hf(cfg["vision_config"], text.dim)
-    if not cfg.get("vision_args"):
-        raise CheckpointError(f"{path}: params.json has no vision_args: a text-only checkpoint")
-    return vision_args_from_meta(cfg["vision_args"], text.dim)
+    from vision import VisionArgs
+    section = "vision_config" if layout == "hf" else "vision_args"
+    if not cfg.get(section):
+        raise CheckpointError(f"{path}: the config has no {section}: a text-only checkpoint")
+    try:
+        make = VisionArgs.from_hf if layout == "hf" else VisionArgs.from_meta
+        return make(cfg[section], text.dim)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {section}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -227,6 +227,28 @@ class VisionArgs:
         """A tiny encoder that still takes real 336 px tiles and gives 144 tokens per tile."""
         return cls(dim=64, n_layers=2, n_heads=4, mlp_dim=256, adapter_dim=128, text_dim=text_dim)
 
+    @classmethod
+    def from_hf(cls, v: dict, text_dim: int) -> "VisionArgs":
+        """From an HF `vision_config`. Our adapter has one width; in the released configs projector_input_dim =
+        projector_output_dim = vision_output_dim = 4096, and a config where they differ is not Llama 4's."""
+        widths = {v.get(k, 4096) for k in ("projector_input_dim", "projector_output_dim", "vision_output_dim")}
+        if len(widths) != 1:
+            raise ValueError(f"vision_config: projector/adapter widths differ {sorted(widths)}")
+        rope = v.get("rope_parameters") or {}
+        return cls(image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14), dim=v["hidden_size"],
+                   n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+                   pixel_shuffle_ratio=v.get("pixel_shuffle_ratio", 0.5), adapter_dim=widths.pop(),
+                   text_dim=text_dim, rope_theta=rope.get("rope_theta", v.get("rope_theta", 10000.0)),
+                   norm_eps=v.get("norm_eps", 1e-5))
+
+    @classmethod
+    def from_meta(cls, v: dict, text_dim: int) -> "VisionArgs":
+        """From Meta's params.json `vision_args` (sizes as {height, width}; MLP width = mlp_ratio * dim)."""
+        side = lambda s: s["height"] if isinstance(s, dict) else s  # noqa: E731
+        return cls(image_size=side(v["image_size"]), patch_size=side(v["patch_size"]), dim=v["dim"],
+                   n_layers=v["n_layers"], n_heads=v["n_heads"], mlp_dim=int(v["mlp_ratio"] * v["dim"]),
+                   pixel_shuffle_ratio=v["pixel_shuffle_ratio"], adapter_dim=v["output_dim"], text_dim=text_dim)
+
     @property
     def grid(self) -> int:  # patches per side
         return self.image_size // self.patch_size
