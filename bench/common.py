@@ -142,8 +142,8 @@ def timeit(fn: Callable[[], object]) -> float:
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:
     """Run each callable `warmup` times, then `repeats` times each, alternating A B / B A between rounds.
 
-    A callable may return its own measurement (seconds, or any number); otherwise its wall time is taken.
-    Returns name -> list of measurements.
+    A callable may return its own measurement (a number of seconds, or a dict of measurements); if it
+    returns anything else (None, a tensor), its wall time is taken. Returns name -> list of measurements.
     """
     names = list(runs)
     for _ in range(warmup):
@@ -155,7 +155,8 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int
             gc.collect()
             t0 = time.perf_counter()
             got = runs[n]()
-            out[n].append(got if got is not None else time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            out[n].append(got if isinstance(got, (int, float, dict)) else took)
     return out
 
 

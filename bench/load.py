@@ -1,15 +1,17 @@
 """Loading: wall time and peak resident memory for a ~1 GB checkpoint, ours vs transformers.
 
 The script writes one fp32 checkpoint (the 252M-parameter model of bench/common.py, 1.0 GB) with
-`save_pretrained`, then loads it many times, each time in a fresh Python process so that the peak RSS
-(`getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that one load: ours with `checkpoint.load_model`, theirs with
-`Llama4ForCausalLM.from_pretrained`. After loading, every parameter is read once (a sum), so that a loader
-which leaves weights memory-mapped and unread pays for them too. Reported per loader (medians):
+`save_pretrained` (in a child process, so this one stays small), then loads it many times, each time in a
+fresh Python process so that the peak memory belongs to that one load: ours with `checkpoint.load_model`,
+theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
 
-- load s: the time of the load call alone (imports excluded), with the file in the page cache (one
-  unmeasured load of each comes first);
-- peak RSS: the whole process's high-water mark, and the part above the RSS after imports, as a multiple
-  of the checkpoint's size on disk.
+- load s: the load call alone (imports excluded), with the file in the page cache (one unmeasured load of
+  each comes first);
+- + first read s: the load plus reading every parameter once (a sum). A loader that leaves the weights
+  memory-mapped returns quickly and pays when they are first used: this column counts that too;
+- peak RSS: the process's high-water mark (VmHWM, after the first read), and the part above the RSS after
+  imports, as a multiple of the checkpoint's size on disk. (`getrusage().ru_maxrss` is not used: Linux
+  carries it over from the parent process across fork + exec, so a child would report the parent's peak.)
 
     python bench/load.py
     python bench/load.py --repeats 5 --dtype bf16
@@ -19,35 +21,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import common
 
 KIB = 1024
 
 
+def rss(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in bytes, from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * KIB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def child(which: str, path: str, dtype_name: str, threads: int) -> None:
-    """Runs in its own process: import, load, touch every weight, print one JSON line."""
+    """Runs in its own process: import, load, read every weight, print one JSON line."""
     common.setup(threads)
     dtype = common.DTYPES[dtype_name]
     if which == "ours":
         import checkpoint  # noqa: F401  (import cost outside the timing, like transformers' below)
-    else:
+    elif which == "transformers":
         import transformers  # noqa: F401
         transformers.Llama4ForCausalLM  # noqa: B018  (resolve the lazy import now)
+    else:  # "write": make the checkpoint
+        common.write_checkpoint(common.hf_config(), path)
+        return
     import torch
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+    base = rss("VmRSS")
     t0 = time.perf_counter()
     model = common.load_ours(path, dtype) if which == "ours" else common.load_theirs(path, dtype)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         total = sum(float(p.float().sum()) for p in model.parameters())  # read every byte once
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
-    print(json.dumps(dict(seconds=seconds, peak=peak, base=base, checksum=total)))
+    touched = time.perf_counter() - t0
+    print(json.dumps(dict(seconds=seconds, touched=touched, peak=rss("VmHWM"), base=base, checksum=total)))
 
 
 def run_child(which: str, path, dtype_name: str, threads: int) -> dict:
@@ -55,8 +70,8 @@ def run_child(which: str, path, dtype_name: str, threads: int) -> dict:
            "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{which} loader failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]) if which != "write" else {}
 
 
 def main() -> None:
@@ -70,8 +85,9 @@ def main() -> None:
         return child(a.child[0], a.child[1], a.dtype, a.threads)
     common.setup(a.threads)
     load = common.load_average()
-    tmp, path = common.temp_checkpoint(common.hf_config())
-    with tmp:
+    with tempfile.TemporaryDirectory(prefix="llama4-bench-") as tmp:
+        path = Path(tmp)
+        run_child("write", path, a.dtype, a.threads)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         results = common.interleaved({w: (lambda w=w: run_child(w, path, a.dtype, a.threads))
                                       for w in ("transformers", "ours")}, a.repeats, warmup=1)
@@ -81,14 +97,17 @@ def main() -> None:
         runs = results[name]
         sums[name] = runs[0]["checksum"]
         secs = common.median([r["seconds"] for r in runs])
+        touched = common.median([r["touched"] for r in runs])
         peak = common.median([r["peak"] for r in runs])
         above = common.median([r["peak"] - r["base"] for r in runs])
-        rows.append([name, f"{secs:.2f}", f"{peak / 2**30:.2f}", f"{above / 2**30:.2f}", f"{above / size:.2f}x"])
+        rows.append([name, f"{secs:.2f}", f"{touched:.2f}", f"{peak / 2**30:.2f}", f"{above / 2**30:.2f}",
+                     f"{above / size:.2f}x"])
     same = abs(sums["ours"] - sums["transformers"]) <= 1e-3 * max(1.0, abs(sums["ours"]))
     common.print_table(
         f"Loading a {size / 1e9:.2f} GB fp32 checkpoint into {a.dtype} (median of {a.repeats}, a fresh process "
         f"each); {common.machine()}; load average {load} -> {common.load_average()}",
-        ["loader", "load s", "peak RSS GiB", "peak above imports GiB", "above imports / checkpoint"], rows,
+        ["loader", "load s", "+ first read s", "peak RSS GiB", "peak above imports GiB",
+         "above imports / checkpoint"], rows,
         [f"Sum of all weights after loading: {'equal' if same else 'DIFFERENT'} "
          f"(ours {sums['ours']:.6g}, transformers {sums['transformers']:.6g})."])
 
