@@ -5,8 +5,9 @@ The script writes one fp32 checkpoint (the 252M-parameter model of bench/common.
 fresh Python process so that the peak memory belongs to that one load: ours with `checkpoint.load_model`,
 theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
 
-- load s: the load call alone (imports excluded), with the file in the page cache (one unmeasured load of
-  each comes first);
+- load s: the load call alone, with the file in the page cache (one unmeasured load of each comes first).
+  Imports are excluded: `import transformers` (~3 s) and, for ours, `torch._dynamo` (~1.7 s), which PyTorch
+  imports the first time a model is built on the meta device (transformers imports it anyway);
 - + first read s: the load plus reading every parameter once (a sum). A loader that leaves the weights
   memory-mapped returns quickly and pays when they are first used: this column counts that too;
 - peak RSS: the process's high-water mark (VmHWM, after the first read), and the part above the RSS after
@@ -14,7 +15,7 @@ theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
   carries it over from the parent process across fork + exec, so a child would report the parent's peak.)
 
     python bench/load.py
-    python bench/load.py --repeats 5 --dtype bf16
+    python bench/load.py --repeats 5 --dtypes fp32
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
     dtype = common.DTYPES[dtype_name]
     if which == "ours":
         import checkpoint  # noqa: F401  (import cost outside the timing, like transformers' below)
+        import torch._dynamo  # noqa: F401  (building a model on the meta device imports it; transformers already has)
     elif which == "transformers":
         import transformers  # noqa: F401
         transformers.Llama4ForCausalLM  # noqa: B018  (resolve the lazy import now)
@@ -60,7 +62,7 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
     model = common.load_ours(path, dtype) if which == "ours" else common.load_theirs(path, dtype)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        total = sum(float(p.float().sum()) for p in model.parameters())  # read every byte once
+        total = sum(float(p.sum(dtype=torch.float32)) for p in model.parameters())  # read every byte once
     touched = time.perf_counter() - t0
     print(json.dumps(dict(seconds=seconds, touched=touched, peak=rss("VmHWM"), base=base, checksum=total)))
 
@@ -77,7 +79,9 @@ def run_child(which: str, path, dtype_name: str, threads: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="measured loads per loader (3)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES), help="dtype to load into (fp32 = as stored)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(common.DTYPES),
+                   help="dtypes to load into (fp32 = as stored, bf16 = converted while loading)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES), help=argparse.SUPPRESS)  # child
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -85,31 +89,30 @@ def main() -> None:
         return child(a.child[0], a.child[1], a.dtype, a.threads)
     common.setup(a.threads)
     load = common.load_average()
+    rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="llama4-bench-") as tmp:
         path = Path(tmp)
-        run_child("write", path, a.dtype, a.threads)
+        run_child("write", path, "fp32", a.threads)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        results = common.interleaved({w: (lambda w=w: run_child(w, path, a.dtype, a.threads))
-                                      for w in ("transformers", "ours")}, a.repeats, warmup=1)
-    rows = []
-    sums = {}
-    for name in ("transformers", "ours"):
-        runs = results[name]
-        sums[name] = runs[0]["checksum"]
-        secs = common.median([r["seconds"] for r in runs])
-        touched = common.median([r["touched"] for r in runs])
-        peak = common.median([r["peak"] for r in runs])
-        above = common.median([r["peak"] - r["base"] for r in runs])
-        rows.append([name, f"{secs:.2f}", f"{touched:.2f}", f"{peak / 2**30:.2f}", f"{above / 2**30:.2f}",
-                     f"{above / size:.2f}x"])
-    same = abs(sums["ours"] - sums["transformers"]) <= 1e-3 * max(1.0, abs(sums["ours"]))
+        for dtype_name in a.dtypes:
+            results = common.interleaved({w: (lambda w=w: run_child(w, path, dtype_name, a.threads))
+                                          for w in ("transformers", "ours")}, a.repeats, warmup=1)
+            sums = {}
+            for name in ("transformers", "ours"):
+                runs = results[name]
+                sums[name] = runs[0]["checksum"]
+                med = {k: common.median([r[k] for r in runs]) for k in ("seconds", "touched", "peak")}
+                above = common.median([r["peak"] - r["base"] for r in runs])
+                rows.append([dtype_name, name, f"{med['seconds']:.2f}", f"{med['touched']:.2f}",
+                             f"{med['peak'] / 2**30:.2f}", f"{above / 2**30:.2f}", f"{above / size:.2f}x"])
+            same = abs(sums["ours"] - sums["transformers"]) <= 1e-3 * max(1.0, abs(sums["ours"]))
+            notes.append(f"{dtype_name}: sum of all weights after loading {'equal' if same else 'DIFFERENT'} "
+                         f"(ours {sums['ours']:.6g}, transformers {sums['transformers']:.6g}).")
     common.print_table(
-        f"Loading a {size / 1e9:.2f} GB fp32 checkpoint into {a.dtype} (median of {a.repeats}, a fresh process "
-        f"each); {common.machine()}; load average {load} -> {common.load_average()}",
-        ["loader", "load s", "+ first read s", "peak RSS GiB", "peak above imports GiB",
-         "above imports / checkpoint"], rows,
-        [f"Sum of all weights after loading: {'equal' if same else 'DIFFERENT'} "
-         f"(ours {sums['ours']:.6g}, transformers {sums['transformers']:.6g})."])
+        f"Loading a {size / 1e9:.2f} GB fp32 checkpoint (median of {a.repeats}, a fresh process each); "
+        f"{common.machine()}; load average {load} -> {common.load_average()}",
+        ["into", "loader", "load s", "+ first read s", "peak RSS GiB", "peak above imports GiB",
+         "above imports / checkpoint"], rows, notes)
 
 
 if __name__ == "__main__":
