@@ -23,6 +23,7 @@ import copy
 
 import common  # first: sets up the path and OpenMP before torch loads
 import torch
+import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -62,6 +63,39 @@ def decode_ours(model, cache, token, steps: int, experts_used: list | None = Non
     return torch.stack(out, 1)
 
 
+@torch.no_grad()
+def matmuls_alone(model, batch: int, distinct: list[float], steps: int):
+    """A callable that runs, `steps` times, only the weight matrix products of one decoding step of our
+    `model` -- the same weights, shapes and layouts (nn.Linear (out, in) weights via F.linear, experts
+    (in, out) via x @ w), round(distinct) experts per MoE layer sharing the batch's rows -- and nothing else:
+    no attention, norms, routing or Python modules. What PyTorch's own kernels reach on these weights."""
+    dtype = model.output.weight.dtype
+    D = model.args.dim
+    calls = []
+    experts_used = iter(distinct)
+    for layer in model.layers:
+        a, ff = layer.attention, layer.feed_forward
+        calls += [(lin.weight.shape[1], lin.weight, True) for lin in (a.wq, a.wk, a.wv, a.wo)]
+        if hasattr(ff, "experts"):
+            calls += [(D, ff.router.weight, True)]
+            ff_lins = (ff.shared_expert.w1, ff.shared_expert.w3, ff.shared_expert.w2)
+            used = max(1, round(next(experts_used)))
+            for e in range(used):
+                calls += [(D, ff.experts.w1[e], False), (D, ff.experts.w3[e], False), (ff.experts.w2.shape[1], ff.experts.w2[e], False)]
+        else:
+            ff_lins = (ff.w1, ff.w3, ff.w2)
+        calls += [(lin.weight.shape[1], lin.weight, True) for lin in ff_lins]
+    calls.append((D, model.output.weight, True))
+    xs = {width: torch.randn(batch, width, dtype=dtype) for width, _, _ in calls}
+    rows = {w: max(1, -(-batch // max(1, round(sum(distinct) / len(distinct))))) for w in xs}
+
+    def go():
+        for _ in range(steps):
+            for width, w, linear in calls:
+                F.linear(xs[width], w) if linear else xs[width][:rows[width]] @ w
+    return go
+
+
 def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
     dtype = common.DTYPES[dtype_name]
     hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
@@ -85,18 +119,20 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
 
     times = common.interleaved({"transformers": run(decode_theirs, hf, hf_cache, hf_first),
                                 "ours": run(decode_ours, ours, our_cache, our_first),
-                                "bandwidth": lambda: max(common.bandwidth_probe().values())}, a.repeats, warmup=0)
+                                "matmuls": matmuls_alone(ours, batch, distinct, a.steps),
+                                "bandwidth": lambda: max(common.bandwidth_probe().values())}, a.repeats, warmup=1)
     bandwidth = common.median(times.pop("bandwidth"))  # GB/s
     bound = batch * bandwidth * 1e9 / bytes_step
     tps = {k: batch * a.steps / common.median(v) for k, v in times.items()}
-    all_experts = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != "tok_embeddings.weight")
+    every_weight = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != "tok_embeddings.weight")
     rows = []
     for name in ("transformers", "ours"):
         rows.append([dtype_name, batch, name, tps[name], f"{tps[name] / tps['transformers']:.2f}x",
-                     f"{bytes_step / 1e6:.0f}", f"{bandwidth:.1f}", f"{bound:.0f}", f"{100 * tps[name] / bound:.0f}%"])
+                     f"{bytes_step / 1e6:.0f}", f"{bandwidth:.1f}", f"{bound:.0f}", f"{100 * tps[name] / bound:.0f}%",
+                     f"{tps['matmuls']:.0f}"])
     print(f"  {dtype_name} batch {batch}: greedy tokens agree {int(agree.sum())}/{agree.numel()}; "
           f"distinct experts per layer {sum(distinct) / len(distinct):.2f}; transformers reads "
-          f"{all_experts / 1e6:.0f} MB/step (all experts)", flush=True)
+          f"{every_weight / 1e6:.0f} MB/step (every expert)", flush=True)
     del hf, ours
     return rows
 
@@ -122,9 +158,11 @@ def main() -> None:
         f"Decode after a {a.prompt}-token prompt, tokens/s (median of {a.repeats} x {a.steps} tokens); "
         f"{common.machine()}; load average {load} -> {common.load_average()}",
         ["dtype", "batch", "implementation", "tok/s", "vs transformers", "MB read/step", "GB/s",
-         "bound tok/s", "of bound"], rows,
-        ["Bound = batch x memory bandwidth (GB/s, measured between the runs) / bytes of weights one step must "
-         "read (active parameters; at batch > 1 the distinct experts used)."])
+         "bound tok/s", "of bound", "matmuls alone tok/s"], rows,
+        ["Bound = batch x memory bandwidth (GB/s: the larger of a 256 MB copy and a 256 MB matrix-vector "
+         "read, measured between the runs) / bytes of weights one step must read (active parameters; at batch "
+         "> 1 the distinct experts used). Matmuls alone = only our step's weight matrix products, run back to "
+         "back: what PyTorch's kernels reach on these weights, the ceiling for any code around them."])
 
 
 if __name__ == "__main__":
