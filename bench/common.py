@@ -72,7 +72,7 @@ def hf_config(**fields):
     return Llama4TextConfig(**{**BENCH, **fields})
 
 
-def hf_config_from_args(args) -> "Llama4TextConfig":
+def hf_config_from_args(args):
     """A transformers config for one of our ModelArgs (e.g. model.FLAVORS["debug"])."""
     from transformers import Llama4TextConfig
 

@@ -11,7 +11,8 @@ where the bytes are the active parameters (every weight but the embedding table 
 token chose; at batch 8 the distinct experts actually used, counted per layer) times bytes per parameter,
 and the bandwidth is measured here, interleaved with the decoding runs (the larger of a big copy and a big
 matrix-vector product, median of the samples).
-transformers runs every expert on every token, so it reads all of them.
+transformers runs every expert on every token, so it reads all of them. A last column runs only our step's
+weight matrix products, back to back: the ceiling that PyTorch's kernels set for any code around them.
 
     python bench/decode.py                  # fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes fp32 --batches 1 --repeats 3

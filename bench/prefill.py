@@ -49,8 +49,8 @@ def main() -> None:
             for i, T in enumerate(a.lengths):
                 prompt = torch.randint(0, hf.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
                 diff = (prefill_ours(ours, prompt).float() - prefill_theirs(hf, prompt).float()).abs().max().item()
-                times = common.interleaved({"transformers": lambda: prefill_theirs(hf, prompt),
-                                            "ours": lambda: prefill_ours(ours, prompt)},
+                times = common.interleaved({"transformers": lambda hf=hf, p=prompt: prefill_theirs(hf, p),
+                                            "ours": lambda ours=ours, p=prompt: prefill_ours(ours, p)},
                                            a.repeats, warmup=0)  # the agreement check above warmed both up
                 tps = {k: T / common.median(v) for k, v in times.items()}
                 for name in ("transformers", "ours"):
