@@ -16,8 +16,11 @@ What is particular to doing this on Llama 4:
 3. The adapted module keeps the name `weight` for the frozen matrix, so the base's parameter names do not
    change and `lora_A` / `lora_B` sit beside it: `layers.0.attention.wq.lora_A`.
 
-QLoRA (adapters on an int4-quantized frozen base) is not here yet: it needs quantize.py's int4 linear to
-dequantize W on the fly in LoRALinear.forward; the adapters themselves would stay in full precision.
+QLoRA (adapters over an int4 base) is not here yet. The way there: load the base with
+`checkpoint.load_model(..., quantize="int4")`, quantize the targeted projections as well (today quantize.py
+does the routed experts, which LoRA leaves alone) with `quantize.QuantizedLinear`, and have LoRALinear call
+that frozen module where it now computes `F.linear(x, self.weight)`. The adapters stay in full precision;
+merging becomes dequantize, add B A, re-quantize (which adds rounding error the unmerged model does not have).
 """
 from __future__ import annotations
 
