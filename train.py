@@ -243,18 +243,16 @@ def batch_rng(seed: int, step: int, micro: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------------
 
 def load_tokenizer(cfg) -> tuple[Tokenizer, Path]:
+    """--tokenizer; else the one in the --init-from checkpoint; else the debug vocabulary or Meta's."""
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
     elif cfg.init_from:
         path = next((p for p in Tokenizer.candidate_paths(cfg.init_from) if p.is_file()), None)
-        if path is None:
-            raise TrainError(f"no tokenizer.model/tokenizer.json in {cfg.init_from}: pass --tokenizer PATH")
-    elif cfg.flavor == "debug":
-        path = DEBUG_TOKENIZER_PATH
     else:
-        path = llama_models_tokenizer_path()
-        if path is None:
-            raise TrainError("no tokenizer: pass --tokenizer PATH (or install llama-models)")
+        path = DEBUG_TOKENIZER_PATH if cfg.flavor == "debug" else llama_models_tokenizer_path()
+    if path is None:
+        raise TrainError(f"no tokenizer.model/tokenizer.json found{' in ' + cfg.init_from if cfg.init_from else ''}: "
+                         "pass --tokenizer PATH")
     try:
         return Tokenizer.from_file(path), path
     except (FileNotFoundError, ValueError) as e:
