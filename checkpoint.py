@@ -609,19 +609,24 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: str 
         # The config goes into the weights file too, so a crash between the renames below can never pair
         # new weights with an old config (or the reverse): load_args reads it from there.
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "llama4_args": json.dumps(cfg)})
-        if tokenizer is not None:  # under the name tokenizer.Tokenizer.find looks for
-            name = "tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"
-            shutil.copyfile(tokenizer, tmp / name)
-        for f in tmp.iterdir():  # the bytes must be on disk before a rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if not path.exists():
-            os.replace(tmp, path)  # a new directory appears whole
-        else:  # replace file by file, weights last; each os.replace is atomic
-            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "model.safetensors"):
-                os.replace(f, path / f.name)
+        publish(tmp, path, tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, path: Path, tokenizer: str | os.PathLike | None = None) -> None:
+    """Move a checkpoint written in the temporary directory `tmp` into `path`, crash-safely: add the tokenizer
+    (under the name tokenizer.Tokenizer.find looks for), sync every file, then rename (each rename is atomic)."""
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / ("tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"))
+    for f in tmp.iterdir():  # the bytes must be on disk before a rename makes them visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if not path.exists():
+        os.replace(tmp, path)  # a new directory appears whole
+    else:  # replace file by file, weights last
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "model.safetensors"):
+            os.replace(f, path / f.name)
 
 
 def main() -> None:

@@ -471,15 +471,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | o
         meta = {"format": "pt", "quantization": info["mode"], "group_size": str(info["group_size"]),
                 "quantized_modules": ",".join(info["targets"])}
         write_safetensors(tmp / "model.safetensors", model.state_dict(), meta)
-        if tokenizer is not None:  # under the name tokenizer.Tokenizer.find looks for
-            shutil.copyfile(tokenizer, tmp / ("tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"))
-        with open(tmp / "llama4.json", "rb") as fh:
-            os.fsync(fh.fileno())
-        if not path.exists():
-            os.replace(tmp, path)  # a new directory appears whole
-        else:  # replace file by file, weights last; each os.replace is atomic
-            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "model.safetensors"):
-                os.replace(f, path / f.name)
+        checkpoint.publish(tmp, path, tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,7 +22,7 @@ def meta_group():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Run a module's tiny models on one intra-op thread (restored afterwards). At these sizes a second
     thread buys nothing, and on a busy 2-core machine torch's thread pool can turn a 10 us attention call

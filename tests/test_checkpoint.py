@@ -25,13 +25,6 @@ from checkpoint import CheckpointError, load_args, load_model, save_checkpoint  
 from model import ModelArgs, Transformer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Tiny: 4 layers (3 is NoPE), MoE on odd layers, dense on even ones. Hidden sizes follow Meta's rule for dim 32,
 # multiple_of 16 (facts file): dense round_up(int(2 * 4 * 32 / 3) = 85, 16) = 96; expert round_up(85 // 2, 16) = 48.

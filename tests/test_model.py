@@ -26,14 +26,6 @@ from model import (FLAVORS, ModelArgs, RMSNorm, Transformer, attention_mask, par
 from moe import FeedForward, MoE  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is faster, and immune to other processes competing for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------------------
 # Parameter counts

@@ -22,14 +22,6 @@ from rope import apply_rope, llama3_scale, nope_layers, rope_angles, rope_freque
 D, FH, E = 16, 24, 6  # small sizes: model width, expert width, experts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to other processes competing for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_moe(top_k=1, dtype=torch.float32, seed=0, n_experts=E):
     torch.manual_seed(seed)

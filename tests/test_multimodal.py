@@ -77,7 +77,6 @@ def test_generate_with_an_image_matches_transformers(tmp_path):
     import subprocess
     import sys
 
-    from PIL import Image
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     import generate

@@ -35,15 +35,6 @@ SCENARIOS = [  # name, checkpoint, tp, ep
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def prompt() -> torch.Tensor:
     return torch.randint(0, V, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
 

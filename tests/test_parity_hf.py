@@ -17,7 +17,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 from _oracles import hf_text_config, hub_style, max_diff, randomize_  # noqa: E402
 

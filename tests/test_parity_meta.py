@@ -26,7 +26,7 @@ import checkpoint  # noqa: E402
 from moe import MoE  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("meta_group", "one_thread")
+pytestmark = pytest.mark.usefixtures("meta_group")
 
 TOL = 1e-4
 T = 24  # < the chunk of 32: one prefill of Meta's is right for all positions

@@ -26,14 +26,6 @@ from tokenizer import DEBUG_TOKENIZER_PATH, Tokenizer  # noqa: E402
 VOCAB = 10240  # the debug tokenizer: 8192 BPE ranks + 2048 specials
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer when other processes share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tok():
