@@ -21,6 +21,7 @@ loads with strict=False, which silently leaves garbage weights). `.pth` files ar
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import io
 import json
@@ -594,21 +595,28 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
 def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
     """Write `llama4.json` + `model.safetensors` (+ the tokenizer file) so that a crash at any moment leaves a
-    loadable checkpoint: everything is written and synced in a temporary directory beside `path` first, then
-    renamed into place (each rename is atomic)."""
+    loadable checkpoint (see `staged`)."""
     from safetensors.torch import save_file
 
+    with staged(path, model.args, tokenizer) as (tmp, cfg):
+        state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+        # The config goes into the weights file too, so a crash between the renames of `publish` can never
+        # pair new weights with an old config (or the reverse): load_args reads it from there.
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "llama4_args": json.dumps(cfg)})
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike, args: ModelArgs, tokenizer: str | os.PathLike | None = None):
+    """A temporary directory beside `path`, holding `llama4.json` already; the caller writes the weights into
+    it, and on success everything is published into `path`. Yields (directory, config dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cfg = asdict(model.args)
+        cfg = asdict(args)
         cfg["format"] = "llama4-minimal/1"
         (tmp / "llama4.json").write_text(json.dumps(cfg, indent=2))
-        state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-        # The config goes into the weights file too, so a crash between the renames below can never pair
-        # new weights with an old config (or the reverse): load_args reads it from there.
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "llama4_args": json.dumps(cfg)})
+        yield tmp, cfg
         publish(tmp, path, tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,12 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -461,19 +458,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | o
         raise ValueError("the model is not quantized (use quantize_model or load_model(..., quantize=...))")
     if any(getattr(m, "layout", "plain") != "plain" for m in model.modules()):
         raise ValueError("int4 weights were repacked for the CUDA kernel: quantize and save on the CPU")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        cfg = asdict(model.args)
-        cfg["format"] = "llama4-minimal/1"
-        (tmp / "llama4.json").write_text(json.dumps(cfg, indent=2))
+    with checkpoint.staged(path, model.args, tokenizer) as (tmp, _):
         meta = {"format": "pt", "quantization": info["mode"], "group_size": str(info["group_size"]),
                 "quantized_modules": ",".join(info["targets"])}
         write_safetensors(tmp / "model.safetensors", model.state_dict(), meta)
-        checkpoint.publish(tmp, path, tokenizer)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def find_tokenizer(ckpt: Path) -> Path | None:
