@@ -155,6 +155,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype))
         self.register_buffer("scale", torch.empty(s_shape, dtype=s_dtype))
         self.layout = "plain"  # "tinygemm" once int4 weights are repacked for the CUDA kernel (in place)
+        # No-grad CUDA forwards use the fused kernels. lora.add_lora turns them off for the whole model (QLoRA):
+        # the backward dequantizes W, which int4's kernel layout does not allow, and the FP8 kernel also rounds
+        # the activations, so evaluation would compute another function than training.
+        self.fused = True
 
     def _buffer_specs(self):
         lead = (self.stack,) if self.stack is not None else ()
@@ -196,9 +200,18 @@ class QuantizedLinear(nn.Module):
         return dequantize(q[rows], s[rows], self.mode, dtype)
 
     def forward(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
-        """x (..., in) -> (..., out); with a stack, e picks the matrix."""
-        if x.is_cuda and self._cuda_kernel_ok(x.device):
+        """x (..., in) -> (..., out); with a stack, e picks the matrix. Differentiable in x (QLoRA trains
+        adapters through frozen quantized layers), never in the weights."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            if self.layout != "plain":
+                raise RuntimeError("int4 weights were repacked for the CUDA kernel by an earlier forward; "
+                                   "gradients cannot flow through them (lora.add_lora before any forward avoids this)")
+            return FrozenMatmul.apply(x, self, e)
+        if x.is_cuda and self.fused and self._cuda_kernel_ok(x.device):
             return self._forward_cuda(x, e)
+        return self._forward_tiles(x, e)
+
+    def _forward_tiles(self, x: torch.Tensor, e: int | None) -> torch.Tensor:
         if self.layout != "plain":
             raise RuntimeError(f"int4 weights in the CUDA layout, but the input is on {x.device}")
         # Readable path: dequantize a block of output rows, multiply, move on. Only one tile is alive.
@@ -244,6 +257,28 @@ class QuantizedLinear(nn.Module):
             else packed[0]
         self._scales_and_zeros = tinygemm_scales_and_zeros(self.scale)
         self.layout = "tinygemm"
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """y = x @ W.T through a frozen QuantizedLinear, with the gradient w.r.t. x only: grad_x = grad_y @ W.
+
+    Both directions dequantize W tile by tile, on every device (the fused CUDA kernels have no backward).
+    Nothing dequantized is saved for the backward: autograd would keep every layer's full-precision W alive
+    until then, the full-precision model that QLoRA exists to avoid."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear, e: int | None) -> torch.Tensor:
+        ctx.layer, ctx.e, ctx.x_dtype = layer, e, x.dtype
+        return layer._forward_tiles(x, e)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # grad_y (..., out) -> grad_x (..., in)
+        layer, e = ctx.layer, ctx.e
+        rows = max(1, TILE_ELEMENTS // layer.in_features)
+        grad_x = 0
+        for r in range(0, layer.out_features, rows):
+            grad_x = grad_x + grad_y[..., r:r + rows] @ layer.dequantize(e, slice(r, r + rows), grad_y.dtype)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def tinygemm_bytes(packed: torch.Tensor) -> torch.Tensor:
