@@ -4,13 +4,13 @@
     python train.py --debug --data my_texts/       # ... on your own text file or directory
     python train.py --debug --resume               # continue the run in out/debug exactly where it stopped
     python train.py --init-from out/debug --sft chats.jsonl --lora 8 --merge-lora --out out/sft
+    python train.py --init-from out/debug --sft chats.jsonl --lora 8 --quantize int4 --out out/qlora
+    torchrun --nproc-per-node 2 train.py --debug   # one model cut over 2 processes (parallel.py)
 
-The data of `--debug` is on every machine with Python, no download: the English reference pages that ship
-inside CPython (`pydoc_data.topics`, ~0.5 MB: the language reference behind `help("if")`) plus every
-docstring of 200+ characters in the standard library's own source (~1.3 MB of prose), encoded with the debug
-tokenizer (540k tokens). Documents are shuffled with a fixed seed and the last 10% of the tokens are held
-out. The loop is nanoGPT's: AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation,
-bf16 autocast on CUDA, optional torch.compile, periodic evaluation on the held-out tokens.
+The data (data.py; `python data.py` shows them) of `--debug` is on every machine with Python, no download:
+CPython's own reference pages and docstrings, 540k tokens of English with the debug tokenizer. The loop is
+nanoGPT's: AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation, bf16 autocast
+on CUDA, optional torch.compile, periodic evaluation on the held-out tokens.
 
 What training Llama 4 in particular involves:
 
@@ -22,11 +22,11 @@ What training Llama 4 in particular involves:
    step must suit the run's length: DeepSeek-V3 and torchtitan use 1e-3 over 100k+ steps; here the default is
    1e-2 (on the debug run at step 80 the two MoE layers' max/mean load was 1.09 / 1.36 with 1e-2, against
    1.72 / 3.02 with 1e-3 and 2.21 / 3.11 with balancing off).
-2. Fine-tuning uses the Llama 4 chat format and learns only what the assistant says: in a conversation
-   `<|begin_of_text|><|header_start|>user<|header_end|>\\n\\nHi<|eot|><|header_start|>assistant<|header_end|>
-   \\n\\nHello<|eot|>` only `Hello` and its `<|eot|>` are targets. `--lora R` trains adapters (lora.py) with
-   the base, the router and its balancing bias frozen (QLoRA on an int4 base: see lora.py). Fine-tuning
-   reads the text model only: a multimodal checkpoint's vision weights are neither loaded nor saved.
+2. Fine-tuning uses the Llama 4 chat format and learns only what the assistant says (the loss mask: see
+   data.py). `--lora R` trains adapters (lora.py) with the base, the router and its balancing bias frozen;
+   `--quantize int4|fp8` adds QLoRA: the frozen base is stored quantized (routed experts and the adapted
+   projections) and the adapters train in full precision. Fine-tuning reads the text model only: a
+   multimodal checkpoint's vision weights are neither loaded nor saved.
 3. Weight decay (0.1) applies to the matrices that multiply activations: attention, feed-forwards, stacked
    experts, router, output head and LoRA adapters. Norm weights and the token embeddings are not decayed
    (decaying a lookup table only shrinks rare tokens' rows, which get few gradient updates to push back).
@@ -36,11 +36,17 @@ Checkpoints (every --eval-interval steps) go to OUT: the model (`model.safetenso
 `loss.png` and `routing.png`. All of it is written to a staging directory that is then renamed into place, so
 a kill -9 at any moment leaves the last complete checkpoint. Batches are a pure function of (seed, step), so
 `--resume` continues with exactly the losses an uninterrupted run would have had.
+
+Several processes (`torchrun --nproc-per-node N train.py ...`, one GPU each, or CPU processes with gloo):
+the N ranks cut ONE model both ways with parallel.py -- tensor parallelism for attention and the dense and
+shared FFNs, expert parallelism for the routed experts -- and there is no data parallelism: every rank
+computes on the same batch, and together they take the same steps, with the same losses, as one process. The
+whole model is gathered to rank 0 for each checkpoint; rank 0 alone prints. The optimizer state stays cut,
+so it is not saved: such a run cannot be resumed, and --lora needs one process.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import itertools
 import json
@@ -48,22 +54,23 @@ import math
 import os
 import shutil
 import sys
-import sysconfig
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import lora
-from model import FLAVORS, Transformer, init_weights, param_counts
+import parallel
+import quantize
+from data import IGNORE, batch_rng, load_data, load_tokenizer
+from model import FLAVORS, ModelArgs, Transformer, init_weights, param_counts
 from moe import MoE, update_expert_bias
-from tokenizer import DEBUG_TOKENIZER_PATH, Tokenizer, llama_models_tokenizer_path
 
-IGNORE = -100  # target id of positions that do not count in the loss
 TRAINER_FILE = "trainer.pt"
 # settings that may change when resuming (they do not change the numbers of the run)
 RESUME_OVERRIDABLE = {"resume", "max_steps", "stop_after", "eval_interval", "eval_batches", "log_interval",
@@ -75,208 +82,32 @@ class TrainError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pretraining data: text -> one token stream -> random windows
-# --------------------------------------------------------------------------------------------------------
-
-def builtin_corpus(min_chars: int = 200) -> list[tuple[str, str]]:
-    """(name, text) documents that ship with CPython: the pydoc topic pages and the stdlib's docstrings."""
-    docs = []
-    try:
-        from pydoc_data.topics import topics
-        docs += [(f"pydoc:{k}", v) for k, v in sorted(topics.items())]
-    except ImportError:
-        pass
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test"}
-    for path in sorted(root.rglob("*.py")):
-        if skip & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= min_chars:
-                    docs.append((f"{path.relative_to(root)}:{getattr(node, 'name', '')}", doc))
-    if not docs:
-        raise TrainError(f"no built-in text found (no pydoc_data, no docstrings under {root}): use --data PATH")
-    return docs
-
-
-def read_text_path(path: str) -> list[tuple[str, str]]:
-    """A text file, or every UTF-8 file under a directory (hidden ones skipped), one document per file."""
-    p = Path(path)
-    if not p.exists():
-        raise TrainError(f"--data {path}: no such file or directory")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
-                                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    docs = []
-    for f in files:
-        try:
-            docs.append((str(f), f.read_text(encoding="utf-8")))
-        except (UnicodeDecodeError, OSError):
-            print(f"data: skipping {f}: not UTF-8 text")
-    if not any(text.strip() for _, text in docs):
-        raise TrainError(f"--data {path}: no UTF-8 text found")
-    return docs
-
-
-class TextData:
-    """Documents encoded as <|begin_of_text|> text <|end_of_text|>, shuffled with a fixed seed, concatenated;
-    the last val_frac of the tokens is held out. Training windows start at random offsets."""
-
-    def __init__(self, tok: Tokenizer, docs: list[tuple[str, str]], seq_len: int, val_frac: float):
-        order = sorted(range(len(docs)), key=lambda i: zlib.crc32(docs[i][0].encode()))  # fixed shuffle
-        ids = []
-        for i in order:
-            ids += tok.encode(docs[i][1], bos=True, eos=True)
-        ids = torch.tensor(ids, dtype=torch.long)
-        n_val = max(int(len(ids) * val_frac), seq_len + 1)
-        if len(ids) - n_val < 2 * (seq_len + 1):
-            raise TrainError(f"only {len(ids)} tokens of data: too little for --seq-len {seq_len} and a held-out split")
-        self.train, self.val, self.seq_len, self.n_docs = ids[:-n_val], ids[-n_val:], seq_len, len(docs)
-
-    def batch(self, g: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.train) - self.seq_len, (batch_size,), generator=g)
-        rows = torch.stack([self.train[s:s + self.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
-        return rows[:, :-1], rows[:, 1:]
-
-    def eval_batches(self, batch_size: int):
-        """Consecutive non-overlapping windows of the held-out tokens, the same ones every time."""
-        starts = list(range(0, len(self.val) - self.seq_len, self.seq_len))
-        for b in range(0, len(starts), batch_size):
-            rows = torch.stack([self.val[s:s + self.seq_len + 1] for s in starts[b:b + batch_size]])
-            yield rows[:, :-1], rows[:, 1:]
-
-
-def unigram_entropy(ids: torch.Tensor, vocab_size: int) -> float:
-    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores all context."""
-    p = torch.bincount(ids, minlength=vocab_size).double() / len(ids)
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
-
-
-# --------------------------------------------------------------------------------------------------------
-# Fine-tuning data: chat conversations, loss on the assistant's tokens only
-# --------------------------------------------------------------------------------------------------------
-
-def encode_conversation(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation in the chat format, and per token whether it is a target: the content
-    of assistant messages and their closing <|eot|>. Headers, other roles and <|begin_of_text|> are not."""
-    ids, is_target = [tok.bos_id], [False]
-    for m in messages:
-        header = tok.encode_header(m["role"])
-        message = tok.encode_message(m["role"], m["content"])  # header + content + <|eot|>
-        assert message[:len(header)] == header
-        ids += message
-        is_target += [False] * len(header) + [m["role"] == "assistant"] * (len(message) - len(header))
-    return ids, is_target
-
-
-def chat_example(ids: list[int], is_target: list[bool], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ids[:-1] and targets ids[1:], IGNORE where the next token is not a target; cut to seq_len."""
-    x = torch.tensor(ids[:-1][:seq_len])
-    y = torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], is_target[1:])][:seq_len])
-    return x, y
-
-
-class ChatData:
-    """A .jsonl file with one {"messages": [{"role": ..., "content": ...}, ...]} conversation per line.
-    Batches are random conversations, right-padded; the last val_frac of them (fixed shuffle) are held out."""
-
-    def __init__(self, tok: Tokenizer, path: str, seq_len: int, val_frac: float):
-        examples, dropped = [], 0
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TrainError(f"--sft {path}: cannot read ({e})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-                x, y = chat_example(*encode_conversation(tok, messages), seq_len)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise TrainError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}} ({e})") from None
-            if (y != IGNORE).any():
-                examples.append((x, y))
-            else:
-                dropped += 1
-        if dropped:
-            print(f"sft: dropped {dropped} conversation(s) with no assistant tokens within --seq-len {seq_len}")
-        if not examples:
-            raise TrainError(f"--sft {path}: no conversation with assistant messages")
-        order = sorted(range(len(examples)), key=lambda i: zlib.crc32(str(i).encode()))
-        n_val = int(len(examples) * val_frac)
-        if n_val == 0:
-            print(f"sft: only {len(examples)} conversation(s): evaluating on the training conversations")
-        self.train = [examples[i] for i in order[:len(order) - n_val]]
-        self.val = [examples[i] for i in order[len(order) - n_val:]] or self.train
-        self.pad_id = tok.pad_id
-
-    def collate(self, examples):
-        T = max(len(x) for x, _ in examples)
-        x = torch.full((len(examples), T), self.pad_id)
-        y = torch.full((len(examples), T), IGNORE)
-        for i, (xi, yi) in enumerate(examples):
-            x[i, :len(xi)], y[i, :len(yi)] = xi, yi
-        return x, y
-
-    def batch(self, g: torch.Generator, batch_size: int):
-        picks = torch.randint(0, len(self.train), (batch_size,), generator=g).tolist()
-        return self.collate([self.train[i] for i in picks])
-
-    def eval_batches(self, batch_size: int):
-        for b in range(0, len(self.val), batch_size):
-            yield self.collate(self.val[b:b + batch_size])
-
-
-def batch_rng(seed: int, step: int, micro: int) -> torch.Generator:
-    """The generator for micro-batch `micro` of optimizer step `step`: data order depends on nothing else."""
-    return torch.Generator().manual_seed(seed * 2**40 + step * 2**10 + micro)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
 # --------------------------------------------------------------------------------------------------------
 
-def load_tokenizer(cfg) -> tuple[Tokenizer, Path]:
-    """--tokenizer; else the one in the --init-from checkpoint; else the debug vocabulary or Meta's."""
-    if cfg.tokenizer:
-        path = Path(cfg.tokenizer)
-    elif cfg.init_from:
-        path = next((p for p in Tokenizer.candidate_paths(cfg.init_from) if p.is_file()), None)
-    else:
-        path = DEBUG_TOKENIZER_PATH if cfg.flavor == "debug" else llama_models_tokenizer_path()
-    if path is None:
-        raise TrainError(f"no tokenizer.model/tokenizer.json found{' in ' + cfg.init_from if cfg.init_from else ''}: "
-                         "pass --tokenizer PATH")
-    try:
-        return Tokenizer.from_file(path), path
-    except (FileNotFoundError, ValueError) as e:
-        raise TrainError(str(e)) from None
-
-
-def build_model(cfg, resume_dir: Path | None) -> Transformer:
+def build_model(cfg, resume_dir: Path | None, rank: int = 0, world: int = 1) -> Transformer:
     """From scratch (--flavor), from a checkpoint (--init-from), or from our own run directory (--resume).
-    With --lora the base comes from --init-from and the adapters from the run directory when resuming."""
-    import checkpoint
+    With --lora the base comes from --init-from (quantized with --quantize) and the adapters from the run
+    directory when resuming. With world > 1: rank `rank`'s part of the model, cut by parallel.py."""
     source = resume_dir if resume_dir is not None and not cfg.lora else cfg.init_from
     try:
-        if source:
-            model = checkpoint.load_model(source, dtype=torch.float32)
+        if source and world > 1:
+            model = parallel.load_sharded(source, rank, world, cfg.device, torch.float32)  # reads only our blocks
+        elif source:
+            model = checkpoint.load_model(source, dtype=torch.float32, quantize=cfg.quantize)
         else:
+            # Every rank builds and initializes the whole model from the same seed, then keeps its blocks: fine at
+            # debug size. A big model would be built on the meta device, cut, and only its blocks initialized.
             model = Transformer(replace(FLAVORS[cfg.flavor], vision=None))
             init_weights(model)
+            parallel.parallelize(model, parallel.Plan(rank, world))  # one process: nothing is cut
     except (checkpoint.CheckpointError, FileNotFoundError) as e:
         raise TrainError(f"cannot load {source}: {e}") from None
     if cfg.lora:
-        if resume_dir is not None:
+        if resume_dir is not None:  # over the same quantization, recorded in adapter_config.json
             lora.load_adapters(model, resume_dir)
         else:
-            lora.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets.split(","))
+            lora.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets.split(","), quantize=cfg.quantize)
     return model.train()
 
 
@@ -303,11 +134,11 @@ def lr_at(step: int, cfg) -> float:
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}
 
 
-def flops_per_token(model: Transformer, seq_len: int) -> float:
+def flops_per_token(a: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B / nanoGPT): 6 x active matmul parameters + attention, whose
     context is the chunk on RoPE layers and the whole sequence on NoPE layers."""
-    a = model.args
-    n = param_counts(model)["active"] - model.tok_embeddings.weight.numel()
+    with torch.device("meta"):  # the whole, uncut model, with no memory: only its parameter counts are used
+        n = param_counts(Transformer(a))["active"] - a.vocab_size * a.dim
     ctx = [seq_len if i in a.nope_layers or a.attention_chunk_size is None else min(seq_len, a.attention_chunk_size)
            for i in range(a.n_layers)]
     return 6 * n + sum(12 * a.n_heads * a.head_dim * c for c in ctx)
@@ -388,13 +219,16 @@ def recover_run_dir(out: Path) -> None:
 def save_run(out: Path, model, cfg, state: dict, tok_path: Path, plots) -> None:
     """Write the whole checkpoint into a staging directory, then swap it in for OUT (atomically on Linux;
     elsewhere with two renames, and recover_run_dir undoes a kill between them)."""
-    import checkpoint
     recover_run_dir(out)
     staging, old = out.with_name(f".{out.name}.staging"), out.with_name(f".{out.name}.old")
     for leftover in [staging, *out.parent.glob(f".{staging.name}.tmp-*")]:  # from a run killed while saving
         shutil.rmtree(leftover, ignore_errors=True)
     if not cfg.lora or cfg.merge_lora:  # a full model that generate.py and load_model read
-        checkpoint.save_checkpoint(lora.merged_copy(model) if cfg.lora else model, staging)
+        whole = lora.merged_copy(model) if cfg.lora else model
+        if getattr(whole, "quantization", None):  # QLoRA: merged projections, routed experts still quantized
+            quantize.save_quantized(whole, staging)
+        else:
+            checkpoint.save_checkpoint(whole, staging)
     staging.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tok_path, staging / ("tokenizer.json" if tok_path.suffix == ".json" else "tokenizer.model"))
     if cfg.lora:
@@ -429,20 +263,6 @@ def swap_dirs(a: Path, b: Path) -> bool:
 # The loop
 # --------------------------------------------------------------------------------------------------------
 
-def load_data(cfg, tok: Tokenizer):
-    """The dataset, and for plain text the unigram baseline: the entropy of the training tokens' frequencies."""
-    t0 = time.time()
-    if cfg.sft:
-        data = ChatData(tok, cfg.sft, cfg.seq_len, cfg.val_frac)
-        print(f"data: {len(data.train)} training / {len(data.val)} held-out conversations ({time.time() - t0:.1f} s)")
-        return data, None
-    data = TextData(tok, read_text_path(cfg.data) if cfg.data else builtin_corpus(), cfg.seq_len, cfg.val_frac)
-    baseline = unigram_entropy(data.train, tok.n_words)
-    print(f"data: {data.n_docs} documents -> {len(data.train):,} training + {len(data.val):,} held-out tokens "
-          f"({time.time() - t0:.1f} s); unigram entropy of the training tokens {baseline:.3f} nats")
-    return data, baseline
-
-
 def train_step(fwd, model, optimizer, data, cfg, step: int, autocast, window) -> tuple[float, float]:
     """One optimizer step over cfg.grad_accum micro-batches -> (mean loss, gradient norm before clipping).
     A non-finite loss or gradient norm is returned without updating the weights: the caller stops."""
@@ -459,7 +279,7 @@ def train_step(fwd, model, optimizer, data, cfg, step: int, autocast, window) ->
         total += loss.item()
         if window is not None:
             window += expert_counts(moe_layers(model))
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    norm = parallel.clip_grad_norm_(model, cfg.grad_clip)  # cut over ranks: the norm of the whole gradient
     if torch.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -475,20 +295,24 @@ def describe_eval(step: int, val: float, baseline: float | None, loads: torch.Te
 
 
 def train(cfg) -> dict:
-    """Run (or resume) training as configured; returns the history {train, val, imbalance, final_val, ...}."""
+    """Run (or resume) training as configured; returns the history {train, val, imbalance, final_val, ...}.
+    Under torchrun (a process group is initialized) each rank runs this same loop on its part of the model."""
     out = Path(cfg.out)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(cfg.seed)
     if cfg.resume:
         recover_run_dir(out)
         state = torch.load(out / TRAINER_FILE, weights_only=True, map_location="cpu")
     tok, tok_path = load_tokenizer(cfg)
     data, baseline = load_data(cfg, tok)
-    model = build_model(cfg, out if cfg.resume else None).to(cfg.device)
+    model = build_model(cfg, out if cfg.resume else None, rank, world).to(cfg.device)
     if model.args.vocab_size < tok.n_words:
         raise TrainError(f"tokenizer has {tok.n_words} ids but the model's vocabulary is {model.args.vocab_size}")
-    counts, trainable = param_counts(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.device("meta"):
+        counts = param_counts(Transformer(model.args))  # of the whole base model, even if cut or quantized
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token), "
-          f"{trainable / 1e6:.2f}M trained")
+          + (f"{trainable / 1e6:.2f}M trained" if world == 1 else f"cut over {world} ranks: {trainable / 1e6:.2f}M each"))
     optimizer = configure_optimizer(model, cfg)
     step, history, last_saved = 0, dict(train=[], val=[], imbalance=[], unigram=baseline), None
     if cfg.resume:
@@ -507,9 +331,10 @@ def train(cfg) -> dict:
     window = torch.zeros(len(moes), moes[0][1].n_experts) if moes else None  # expert loads since the last log
     balance = 0.0 if cfg.lora else cfg.balance_coeff  # LoRA keeps the router and its bias frozen
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    flops = flops_per_token(model, cfg.seq_len)
+    flops = flops_per_token(model.args, cfg.seq_len)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else next(
         (v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    peak = peak and peak * world  # MFU: the job's useful FLOPs over all of its accelerators' peak
     loads = None
     if step == 0:  # where the loss starts: about ln(vocab) for a fresh model
         history["val"].append((0, evaluate(model, data, cfg, autocast, cfg.eval_batches)[0]))
@@ -525,7 +350,10 @@ def train(cfg) -> dict:
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
             kept = f"{out} (step {last_saved})" if last_saved is not None else "none (none written yet)"
             raise TrainError(f"step {step + 1}: {what}; stopping. The last good checkpoint is {kept}")
-        update_expert_bias(model, balance)  # nudge the routing biases toward even load; coeff 0: only reset counts
+        # Nudge the routing biases toward even load (coeff 0: only reset the counts). Under expert parallelism
+        # every rank still routes every token (parallel.py), so each rank's tokens_per_expert already holds the
+        # global counts: the biases get the same update and stay identical on all ranks.
+        update_expert_bias(model, balance)
         step, n_timed = step + 1, n_timed + 1
         history["train"].append(loss)
 
@@ -549,12 +377,17 @@ def train(cfg) -> dict:
             history["val"].append((step, val))
             print(describe_eval(step, val, baseline, loads, moes))
             rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else [])
-            state = dict(step=step, optimizer=optimizer.state_dict(), rng=rng, history=json.dumps(history),
-                         config=json.dumps(vars(cfg)), data_position=dict(seed=cfg.seed, next_step=step))
-            save_run(out, model, cfg, state, tok_path, lambda d: plot_run(d, history, baseline, loads, moes))
+            state = dict(step=step, optimizer=optimizer.state_dict() if world == 1 else None, ranks=world, rng=rng,
+                         history=json.dumps(history), config=json.dumps(vars(cfg)),
+                         data_position=dict(seed=cfg.seed, next_step=step))
+            whole = parallel.gather_model(model) if world > 1 else model  # every rank sends its blocks to rank 0
+            if rank == 0:
+                save_run(out, whole, cfg, state, tok_path, lambda d: plot_run(d, history, baseline, loads, moes))
+            if world > 1:
+                dist.barrier()  # the other ranks wait until the checkpoint is in place
             last_saved, t_log, n_timed = step, time.time(), 0  # evaluating and saving do not count in tok/s
         if stopping:
-            print(f"stopping after step {step} as asked (--stop-after); continue with --resume")
+            print(f"stopping after step {step} as asked (--stop-after)" + ("; continue with --resume" if world == 1 else ""))
             break
     history["final_val"] = None
     if step == cfg.max_steps:  # the whole held-out set, not just --eval-batches of it
@@ -603,6 +436,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", metavar="A", type=float, default=16.0, help="adapter scale is alpha / rank")
     g.add_argument("--lora-targets", metavar="NAMES", default="wq,wv", help=f"comma-separated, from {','.join(lora.LINEAR_TARGETS)}")
     g.add_argument("--merge-lora", action="store_true", help="also save the merged model (readable by generate.py)")
+    g.add_argument("--quantize", choices=["int4", "fp8"], help="QLoRA: keep the frozen base quantized (routed "
+                   "experts and the adapted projections); the adapters train in full precision")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--val-frac", metavar="F", type=float, default=0.1, help="share of the data held out")
     g.add_argument("--eval-interval", metavar="N", type=int, default=50, help="evaluate and checkpoint every N steps")
@@ -617,16 +452,27 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def torchrun_world() -> int:
+    """How many processes torchrun started (it sets WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = make_parser().parse_args(argv)
     if cfg.out is None:
         cfg.out = "out/debug" if cfg.debug else "out/run"
+    if cfg.resume and torchrun_world() > 1:
+        raise TrainError("--resume needs one process: a run split over ranks does not save its (cut) optimizer state")
     if cfg.resume:
         path = Path(cfg.out) / TRAINER_FILE
         if not path.is_file() and not Path(cfg.out).with_name(f".{Path(cfg.out).name}.old").is_dir():
             raise TrainError(f"--resume: no {TRAINER_FILE} in {cfg.out}")
         recover_run_dir(Path(cfg.out))
-        saved = json.loads(torch.load(path, weights_only=True, map_location="cpu")["config"])
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state["optimizer"] is None:
+            raise TrainError(f"--resume: {cfg.out} was trained by {state['ranks']} ranks under torchrun, which do not "
+                             f"save the optimizer state; start a new run from it with --init-from {cfg.out}")
+        saved = {**vars(make_parser().parse_args([])), **json.loads(state["config"])}  # + options added since
         only_given = make_parser()  # a parser without defaults returns just the options on the command line
         for action in only_given._actions:
             action.default = argparse.SUPPRESS
@@ -646,6 +492,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise TrainError(f"--init-from {cfg.init_from}: no such checkpoint directory")
     if cfg.lora and not cfg.init_from:
         raise TrainError("--lora adapts a trained model: give its checkpoint with --init-from DIR")
+    if cfg.quantize and not cfg.lora:
+        raise TrainError(f"--quantize {cfg.quantize} is QLoRA: it quantizes the frozen base under --lora RANK adapters")
+    if cfg.lora and torchrun_world() > 1:
+        raise TrainError("--lora needs one process (torchrun splits the model over ranks; adapters are not split)")
     if cfg.data and cfg.sft:
         raise TrainError("--data (plain text) and --sft (conversations) exclude each other")
     if cfg.warmup_steps >= cfg.max_steps:
@@ -655,13 +505,22 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, even through a pipe
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     try:
         cfg = parse_config(argv)
+        if torchrun_world() > 1:  # N processes, one model cut over them (parallel.py): gloo on CPU, NCCL on GPUs
+            _, _, device = parallel.init_distributed()
+            cfg.device = str(device)
+            if rank > 0:
+                sys.stdout = open(os.devnull, "w")  # rank 0 alone prints the log and the evaluations
         t0 = time.time()
         train(cfg)
         print(f"done in {time.time() - t0:.0f} s; checkpoint in {cfg.out}")
     except (TrainError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error{f' (rank {rank})' if rank else ''}: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

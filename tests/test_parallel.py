@@ -2,9 +2,12 @@
 parallelism and both, loaded from a Hugging Face checkpoint written by transformers and from Meta-style
 model-parallel shards (as many as ranks, and fewer). Each must give the single-process logits (fp32, 1e-5), the
 same greedy tokens through the KV cache, the same gradients and gradient norm, and hold the number of parameter
-bytes worked out by hand from the config."""
+bytes worked out by hand from the config. And `torchrun train.py` on two processes trains exactly as one does."""
+import json
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
 import parallel  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs, Transformer, init_weights  # noqa: E402
 
 # Maverick's shape in miniature: MoE on odd layers (1, 3), dense on even ones, no QK-norm, no RoPE scaling,
 # layer 3 NoPE; 4 experts, 4 heads, 2 kv heads. Hidden sizes follow Meta's rule for dim 64 (multiple_of 64):
@@ -273,3 +276,89 @@ def test_one_process_is_untouched(monkeypatch):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     parallel.parallelize(model, parallel.Plan(0, 1))
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
+
+
+# --------------------------------------------------------------------------------------------------------
+# train.py under torchrun: two ranks train one cut model (TP + EP) exactly as one process does
+# --------------------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ["--max-steps", "4", "--eval-interval", "4", "--eval-batches", "1", "--batch-size", "2",
+               "--seq-len", "32", "--log-interval", "1", "--warmup-steps", "1"]
+
+
+def train_history(out: Path) -> dict:
+    return json.loads(torch.load(out / "trainer.pt", weights_only=True)["history"])
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    """A text file, chat conversations, and a tiny Maverick-like checkpoint with the debug vocabulary."""
+    from pydoc_data.topics import topics
+
+    from tokenizer import DEBUG_TOKENIZER_PATH
+    root = tmp_path_factory.mktemp("train")
+    (root / "text.txt").write_text("\n\n".join(v for _, v in sorted(topics.items()))[:60_000])
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} times 3?"},
+                          {"role": "assistant", "content": f"{i} times 3 is {3 * i}."}]} for i in range(40)]
+    (root / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    torch.manual_seed(1)
+    args = ModelArgs(dim=D, n_layers=L, n_heads=H, n_kv_heads=HKV, head_dim=HD, vocab_size=10240, n_experts=E,
+                     moe_hidden_dim=FE, ffn_hidden_dim=FD, interleave_moe_layer_step=2, use_qk_norm=False,
+                     rope_scaling=None, attention_chunk_size=16, floor_scale=16.0, max_seq_len=256)
+    model = Transformer(args)
+    init_weights(model)
+    checkpoint.save_checkpoint(model, root / "maverick_like", tokenizer=DEBUG_TOKENIZER_PATH)
+    return root
+
+
+TRAIN_CASES = {  # what to train: the debug flavor from scratch; a checkpoint fine-tuned on conversations
+    "scratch": lambda root: ["--debug", "--data", root / "text.txt"],
+    "init_from": lambda root: ["--init-from", root / "maverick_like", "--sft", root / "chats.jsonl"],
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_torchrun_training_equals_one_process(train_inputs, tmp_path, case, capsys):
+    """Per-step losses and gradient norms (the global norm across shards), the balancing biases and the
+    saved checkpoint's logits of `torchrun --nproc-per-node 2 train.py` equal one process's. Adam divides each
+    gradient entry by its own size, so entries that are ~0 by cancellation (whose value depends on the
+    summation order) move by up to a fraction of lr either way: even one process on 1 vs 2 threads differs
+    by ~4e-5 in these logits after a step at lr 1e-3. At lr 1e-4 that floor is ~3e-6, under the 1e-5 bound."""
+    import train
+    flags = [str(f) for f in TRAIN_CASES[case](train_inputs) + TRAIN_FLAGS + ["--lr", "1e-4"]]
+    one = train.train(train.parse_config(flags + ["--out", str(tmp_path / "one")]))
+    one_norms = [float(n) for n in re.findall(r"\| grad ([\d.]+) \|", capsys.readouterr().out)]  # as logged
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(N),
+                           str(ROOT / "train.py"), *flags, "--out", str(tmp_path / "two")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval step 0:") == 1 and "cut over 2 ranks" in proc.stdout  # rank 0 alone prints
+
+    two = train_history(tmp_path / "two")
+    assert one["train"][-1] < one["train"][0] - 0.01  # it trained
+    assert len(two["train"]) == 4 and max(abs(a - b) for a, b in zip(one["train"], two["train"])) < 1e-5
+    assert max(abs(a[1] - b[1]) for a, b in zip(one["val"], two["val"])) < 1e-5
+    norms = [float(n) for n in re.findall(r"\| grad ([\d.]+) \|", proc.stdout)]
+    assert len(norms) == 4 and norms == pytest.approx(one_norms, abs=0.011)  # 2 decimals
+
+    a, b = checkpoint.load_model(tmp_path / "one"), checkpoint.load_model(tmp_path / "two")
+    for i in (1, 3):  # the MoE layers' balancing biases moved, identically: same global expert counts
+        bias = a.layers[i].feed_forward.expert_bias
+        assert bias.abs().sum() > 0 and torch.equal(bias, b.layers[i].feed_forward.expert_bias)
+    x = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (a(x) - b(x)).abs().max() < 1e-5
+
+    # The optimizer state stayed cut over the ranks, so the run cannot be resumed: a clear error.
+    with pytest.raises(train.TrainError, match="trained by 2 ranks under torchrun"):
+        train.parse_config(["--out", str(tmp_path / "two"), "--resume"])
+
+
+def test_torchrun_refuses_resume_and_lora(train_inputs, monkeypatch):
+    import train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(train.TrainError, match="--resume needs one process"):
+        train.parse_config(["--out", str(train_inputs / "nothing"), "--resume"])
+    with pytest.raises(train.TrainError, match="--lora needs one process"):
+        train.parse_config(["--init-from", str(train_inputs / "maverick_like"), "--lora", "4"])

@@ -1,4 +1,4 @@
-"""train.py and lora.py: learning, exact resume, chat loss masking, LoRA, MoE balancing, crash safety."""
+"""train.py, data.py and lora.py: learning, exact resume, chat loss masking, LoRA, MoE balancing, crash safety."""
 import json
 import math
 import os
@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
+import data  # noqa: E402
 import lora  # noqa: E402
+import quantize  # noqa: E402
 import train  # noqa: E402
 from model import ModelArgs, Transformer, init_weights  # noqa: E402
 from moe import MoE, update_expert_bias  # noqa: E402
@@ -77,8 +79,8 @@ def test_short_run_learns_and_checkpoint_generates(tiny_ckpt, text_file, tmp_pat
     # The checkpoint is the trained model: loading it reproduces the last held-out loss ...
     model = checkpoint.load_model(out)
     cfg = train.parse_config(tiny_flags(tiny_ckpt, text_file, out))
-    data = train.TextData(tok, train.read_text_path(str(text_file)), cfg.seq_len, cfg.val_frac)
-    val, loads = train.evaluate(model, data, cfg, torch.autocast("cpu", enabled=False), cfg.eval_batches)
+    held_out = data.TextData(tok, data.read_text_path(str(text_file)), cfg.seq_len, cfg.val_frac)
+    val, loads = train.evaluate(model, held_out, cfg, torch.autocast("cpu", enabled=False), cfg.eval_batches)
     assert abs(val - h["val"][-1][1]) < 1e-5
     assert loads.shape == (1, 4) and loads.sum() > 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "routing.png").stat().st_size > 1000
@@ -111,7 +113,7 @@ def test_resume_matches_uninterrupted_run(tiny_ckpt, text_file, tmp_path):
 
 def test_unigram_entropy_by_hand():
     # frequencies 1/2, 1/4, 1/4: H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2 nats
-    assert train.unigram_entropy(torch.tensor([3, 3, 1, 7]), 10) == pytest.approx(1.5 * math.log(2), abs=1e-12)
+    assert data.unigram_entropy(torch.tensor([3, 3, 1, 7]), 10) == pytest.approx(1.5 * math.log(2), abs=1e-12)
 
 
 def test_chat_loss_mask_by_hand(tok):
@@ -129,27 +131,41 @@ def test_chat_loss_mask_by_hand(tok):
     asst2_head, asst2_body = [HS, *e("assistant"), HE, *e("\n\n")], [*e("Bye!"), EOT]
     expected = [BOS] + sys_part + user1 + asst1_head + asst1_body + user2 + asst2_head + asst2_body
 
-    ids, is_target = train.encode_conversation(tok, messages)
+    ids, is_target = data.encode_conversation(tok, messages)
     assert ids == expected
-    x, y = train.chat_example(ids, is_target, seq_len=1000)
+    x, y = data.chat_example(ids, is_target, seq_len=1000)
     assert x.tolist() == expected[:-1]
     # Input position t predicts token t+1; it counts iff token t+1 is assistant content or its <|eot|>.
     a1 = 1 + len(sys_part) + len(user1) + len(asst1_head)  # index of the first assistant-1 token
     a2 = a1 + len(asst1_body) + len(user2) + len(asst2_head)
     counted = set(range(a1 - 1, a1 - 1 + len(asst1_body))) | set(range(a2 - 1, a2 - 1 + len(asst2_body)))
-    assert {t for t in range(len(y)) if y[t] != train.IGNORE} == counted
+    assert {t for t in range(len(y)) if y[t] != data.IGNORE} == counted
     assert [int(y[t]) for t in sorted(counted)] == asst1_body + asst2_body
-    assert y[a2 - 2] == train.IGNORE  # the "\n\n" of the second assistant header is a target of nothing
+    assert y[a2 - 2] == data.IGNORE  # the "\n\n" of the second assistant header is a target of nothing
 
-    _, y_cut = train.chat_example(ids, is_target, seq_len=a1 + 1)  # truncation keeps the mask aligned
+    _, y_cut = data.chat_example(ids, is_target, seq_len=a1 + 1)  # truncation keeps the mask aligned
     assert len(y_cut) == a1 + 1 and y_cut[a1 - 1] == expected[a1] and y_cut[a1] == expected[a1 + 1]
 
 
-def test_sft_and_lora_merge(tiny_ckpt, tmp_path, tok):
-    chats = tmp_path / "chats.jsonl"
+def test_data_cli_shows_which_tokens_count(text_file, tok, capsys):
+    data.main(["--data", str(text_file), "--seq-len", "64"])
+    out = capsys.readouterr().out
+    assert "unigram entropy of the training tokens" in out
+    counted = [line for line in out.splitlines() if line.endswith(" yes")]
+    answer = [m["content"] for m in data.EXAMPLE_CHAT if m["role"] == "assistant"]
+    assert len(answer) == 1 and len(counted) == len(tok.encode(answer[0])) + 1  # its tokens and its <|eot|>
+    assert "'<|eot|>'" in counted[-1] and "'<|eot|>'" not in "".join(counted[:-1])
+
+
+def write_chats(path: Path) -> Path:
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(40)]
-    chats.write_text("\n".join(json.dumps(r) for r in rows))
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_sft_and_lora_merge(tiny_ckpt, tmp_path, tok):
+    chats = write_chats(tmp_path / "chats.jsonl")
     out = tmp_path / "lora"
     h = run(["--init-from", str(tiny_ckpt), "--sft", str(chats), "--out", str(out), "--lora", 4,
              "--lora-targets", "wq,wv,w1", "--merge-lora", "--max-steps", 6, "--eval-interval", 6,
@@ -169,6 +185,63 @@ def test_sft_and_lora_merge(tiny_ckpt, tmp_path, tok):
         assert (adapted(x) - base(x)).abs().max() > 1e-4  # and the adapters do change the model
     # the routing bias of the frozen base is not touched by LoRA training
     assert torch.equal(merged.layers[1].feed_forward.expert_bias, base.layers[1].feed_forward.expert_bias)
+
+
+@pytest.fixture(scope="module")
+def debug_ckpt(tmp_path_factory):
+    """The debug flavor, freshly initialized: its projections' input dims (256, 1024) divide int4's groups of 128."""
+    from dataclasses import replace
+
+    from model import FLAVORS
+    torch.manual_seed(0)
+    model = Transformer(replace(FLAVORS["debug"], vision=None))
+    init_weights(model)
+    path = tmp_path_factory.mktemp("ckpt") / "debug"
+    checkpoint.save_checkpoint(model, path, tokenizer=DEBUG_TOKENIZER_PATH)
+    return path
+
+
+def test_qlora_int4_learns_merges_and_resumes(debug_ckpt, tmp_path, tok):
+    import generate
+    from safetensors.torch import load_file
+    flags = ["--init-from", debug_ckpt, "--sft", write_chats(tmp_path / "chats.jsonl"), "--lora", 4,
+             "--lora-targets", "wq,wv,w1", "--quantize", "int4", "--merge-lora", "--max-steps", 6,
+             "--eval-interval", 6, "--batch-size", 4, "--seq-len", 48, "--lr", 1e-2]
+    out = tmp_path / "qlora"
+    h = run(flags + ["--out", out])
+    assert h["val"][-1][1] < h["val"][0][1] - 0.5, h["val"]  # from ~ln(10240) = 9.2 on a fresh model
+    assert json.loads((out / lora.ADAPTER_CONFIG).read_text())["quantize"] == "int4"
+
+    # The merged model is dequantize(W) + (alpha/r) B A: next to the full-precision base, each merged wq weight
+    # is off by the int4 rounding alone: at most half a step, step = amax(|group of 128|) / 7 stored in bf16
+    # (the format in quantize.py's docstring), and not zero.
+    base = checkpoint.load_model(debug_ckpt)
+    adapters = load_file(out / lora.ADAPTERS_FILE)
+    merged = generate.load(generate.parse_args(["--ckpt", str(out), "--prompt", "x", "--device", "cpu"]))
+    assert isinstance(merged.layers[1].feed_forward.experts, quantize.QuantizedExperts)  # experts stay int4
+    w = base.layers[0].attention.wq.weight.detach()  # (512, 256)
+    update = (16.0 / 4) * adapters["layers.0.attention.wq.lora_B"] @ adapters["layers.0.attention.wq.lora_A"]
+    rounding = (merged.layers[0].attention.wq.weight - update - w).view(w.shape[0], -1, 128)
+    step = (w.view(w.shape[0], -1, 128).abs().amax(-1, keepdim=True) / 7).to(torch.bfloat16).float()
+    assert (rounding.abs() <= step / 2 + 1e-6).all() and rounding.abs().max() > step.min() / 10
+    assert update.abs().max() > 1e-3  # the adapters did train
+
+    # ... and computes what the trained, unmerged QLoRA model computes: int4 base + full-precision adapters.
+    adapted = checkpoint.load_model(debug_ckpt, dtype=torch.float32, quantize="int4")
+    lora.load_adapters(adapted, out)
+    x = torch.tensor([tok.encode("What is 3 plus 3?", bos=True)])
+    with torch.no_grad():
+        assert (adapted(x) - merged(x)).abs().max() < 1e-4
+
+    # Resuming re-quantizes the base from --init-from and loads the adapters: the same losses, step for step.
+    run(flags + ["--out", tmp_path / "b", "--stop-after", 3])
+    resumed = run(["--out", str(tmp_path / "b"), "--resume"])
+    assert resumed["train"] == pytest.approx(h["train"], abs=1e-5, rel=0)
+
+
+def test_quantize_needs_lora(tiny_ckpt):
+    with pytest.raises(train.TrainError, match="--quantize int4 is QLoRA"):
+        train.parse_config(["--init-from", str(tiny_ckpt), "--quantize", "int4"])
 
 
 def test_lora_keeps_base_bit_identical(tiny_ckpt, tok):
