@@ -236,7 +236,7 @@ def load_tokenizer(cfg) -> tuple[Tokenizer, Path]:
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
     elif cfg.init_from:
-        path = next((p for p in Tokenizer.candidate_paths(cfg.init_from) if p.is_file()), None)
+        path = Tokenizer.path_in(cfg.init_from)
     else:
         path = DEBUG_TOKENIZER_PATH if cfg.flavor == "debug" else llama_models_tokenizer_path()
     if path is None:

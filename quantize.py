@@ -50,6 +50,7 @@ from torch import nn
 
 import checkpoint
 from moe import MoE
+from tokenizer import Tokenizer
 
 MODES = ("int4", "fp8")
 TARGETS = ("experts", "shared", "dense", "attention")  # never the router, norms, embeddings or output
@@ -499,15 +500,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | o
         write_safetensors(tmp / "model.safetensors", model.state_dict(), meta)
 
 
-def find_tokenizer(ckpt: Path) -> Path | None:
-    """The tokenizer file of a checkpoint directory, to copy along (Meta's, HF's, or one we saved)."""
-    for p in (ckpt / "tokenizer.model", ckpt / "original" / "tokenizer.model", ckpt / "tokenizer.json",
-              ckpt / "original" / "tokenizer.json"):
-        if p.is_file():
-            return p
-    return next(iter(sorted(ckpt.glob("*tokenizer.model"))), None)  # e.g. debug-tokenizer.model
-
-
 # --------------------------------------------------------------------------------------------------------
 # The error report: stream each target tensor, quantize, measure
 # --------------------------------------------------------------------------------------------------------
@@ -607,7 +599,7 @@ def main(argv=None) -> None:
         if a.out:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype)
             model = load_quantized(a.ckpt, a.mode, a.group_size, targets, dtype, vision=a.vision)
-            save_quantized(model, a.out, tokenizer=find_tokenizer(Path(a.ckpt)))
+            save_quantized(model, a.out, tokenizer=Tokenizer.path_in(a.ckpt))
             q = sum(b.numel() * b.element_size() for b in model.state_dict().values())
             print(f"wrote {a.out}: {a.mode} ({', '.join(targets)}), {_size(q)}")
     except (checkpoint.CheckpointError, ValueError) as e:

@@ -269,15 +269,20 @@ class Tokenizer:
                 d / "tokenizer.json", d / "original" / "tokenizer.json"]
 
     @classmethod
+    def path_in(cls, checkpoint_dir: Union[str, Path]) -> Path | None:
+        """The first of `candidate_paths` that exists, or None."""
+        return next((p for p in cls.candidate_paths(checkpoint_dir) if p.is_file()), None)
+
+    @classmethod
     def find(cls, checkpoint_dir: Union[str, Path]) -> "Tokenizer":
         """Load the tokenizer of a checkpoint directory (or a tokenizer file given directly)."""
         if Path(checkpoint_dir).is_file():
             return cls.from_file(checkpoint_dir)
-        candidates = cls.candidate_paths(checkpoint_dir)
-        for path in candidates:
-            if path.is_file():
-                return cls.from_file(path)
-        raise FileNotFoundError(f"no tokenizer found; looked for: {', '.join(str(p) for p in candidates)}")
+        path = cls.path_in(checkpoint_dir)
+        if path is None:
+            looked = ", ".join(str(p) for p in cls.candidate_paths(checkpoint_dir))
+            raise FileNotFoundError(f"no tokenizer found; looked for: {looked}")
+        return cls.from_file(path)
 
     @classmethod
     def debug(cls) -> "Tokenizer":

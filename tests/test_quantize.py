@@ -26,6 +26,7 @@ import checkpoint  # noqa: E402
 import quantize as Q  # noqa: E402
 from model import FLAVORS, ModelArgs, Transformer, init_weights  # noqa: E402
 from moe import MoE, Experts  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 TINY = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512, n_experts=4,
                  moe_hidden_dim=256, ffn_hidden_dim=384, interleave_moe_layer_step=2, rope_scaling=None,
@@ -366,7 +367,7 @@ def test_saved_quantized_checkpoint_reloads_identically(tiny_ckpt, tmp_path):
 
     model = Q.load_quantized(tiny_ckpt, "int4", targets=("experts", "shared", "attention"))
     out = tmp_path / "tiny-int4"
-    Q.save_quantized(model, out, tokenizer=Q.find_tokenizer(tiny_ckpt))
+    Q.save_quantized(model, out, tokenizer=Tokenizer.path_in(tiny_ckpt))
     assert sorted(p.name for p in out.iterdir()) == ["llama4.json", "model.safetensors", "tokenizer.model"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # the safetensors library reads our writer
         meta = f.metadata()
