@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
 
-from model import FLAVORS, Transformer, init_weights, param_counts  # noqa: E402
+from model import FLAVORS, Transformer, init_weights  # noqa: E402
 
 GB = 1e9
 
@@ -59,7 +58,6 @@ def machine() -> dict:
     b = torch.empty_like(a)
     t = cuda_time(lambda: b.copy_(a), reps=10, warmup=2)
     bw = 2 * n / t  # bytes read + bytes written
-    del a, b
     x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = cuda_time(lambda: x @ x, reps=10, warmup=3)
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / GB,
@@ -157,19 +155,24 @@ def layer_figures(n_layers: int, prompt_len: int, bw: float) -> list[dict]:
 
 
 LOAD_CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
 import checkpoint
+
+def vm(field):  # this process's memory from /proc (ru_maxrss would carry over the parent's peak through exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024 / 1e9
+
 torch.cuda.init()
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss0 = vm("VmRSS")
 t0 = time.perf_counter()
 model = checkpoint.load_model(sys.argv[1], device="cuda", dtype=torch.bfloat16, quantize="int4")
 torch.cuda.synchronize()
 t = time.perf_counter() - t0
 with torch.no_grad():
     model(torch.arange(16, device="cuda")[None])
-print(json.dumps(dict(load_s=t, host_peak_rss_GB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-                      host_rss_before_GB=rss0 / 1e9, gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9,
+print(json.dumps(dict(load_s=t, host_peak_rss_GB=vm("VmHWM"), host_rss_before_GB=rss0,
+                      gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9,
                       gpu_after_GB=torch.cuda.memory_allocated() / 1e9)))
 """
 
@@ -225,7 +228,8 @@ def main() -> None:
               f"{r['scout48_GB']:.1f} |")
     if load:
         print(f"\nstreaming int4 load of a {load['checkpoint_GB']:.1f} GB bf16 checkpoint: {load['load_s']:.1f} s, "
-              f"host peak RSS {load['host_peak_rss_GB']:.2f} GB, GPU peak {load['gpu_peak_GB']:.2f} GB "
+              f"host peak RSS {load['host_peak_rss_GB']:.2f} GB (after CUDA init {load['host_rss_before_GB']:.2f} GB), "
+              f"GPU peak {load['gpu_peak_GB']:.2f} GB "
               f"(resident {load['gpu_after_GB']:.2f} GB)")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(machine=m, layers=rows, load=load), indent=2))

@@ -27,14 +27,14 @@ step() {  # step NAME LIMIT_S COMMAND...
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
 
-step tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py tests/test_quantize.py tests/test_lora.py
-step bench 300 $PY bench/gpu.py --json "$OUT/gpu.json"
-step train 200 $PY train.py --debug --device cuda --max-steps 200 --eval-interval 200 --out "$RUN/debug"
-step train_compile 200 $PY train.py --debug --device cuda --max-steps 40 --eval-interval 40 --compile --out "$RUN/compiled"
+step bench 240 $PY bench/gpu.py --json "$OUT/gpu.json"
+step tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py tests/test_quantize.py tests/test_lora.py
+step train 150 $PY train.py --debug --device cuda --max-steps 100 --eval-interval 100 --out "$RUN/debug"
 for q in none int4 fp8; do
     flag=$([ $q = none ] || echo "--quantize $q")
-    step "generate_$q" 120 $PY generate.py --ckpt "$RUN/debug" --prompt "The list" --max-new-tokens 100 --temperature 0 $flag
+    step "generate_$q" 60 $PY generate.py --ckpt "$RUN/debug" --prompt "The list" --max-new-tokens 100 --temperature 0 $flag
 done
-step nccl 120 torchrun --nproc-per-node 1 parallel.py --ckpt "$RUN/debug" --dtype bf16 --check
+step nccl 90 torchrun --nproc-per-node 1 parallel.py --ckpt "$RUN/debug" --dtype bf16 --check
+step train_compile 150 $PY train.py --debug --device cuda --max-steps 40 --eval-interval 40 --compile --out "$RUN/compiled"
 cp "$RUN/debug/loss.png" "$RUN/debug/routing.png" "$OUT/" 2>/dev/null
 echo "=== done" | tee -a "$LOG"
