@@ -13,6 +13,13 @@ Three layouts are read, each into the same `model.Transformer`:
 Scout is 218 GB in bf16, so loading never holds two copies: the model is built on the "meta" device (shapes,
 no memory), then each tensor is read from a memory-mapped file, copied to its place (device, dtype,
 quantized on the fly if asked), and the file's pages are handed back to the kernel before the next one.
+On the CPU, a tensor already in the asked dtype is not copied at all: the model keeps a view of the mapped
+file (zero copy), and the kernel reads its pages the first time they are used. The mapping is private
+(copy-on-write, MAP_PRIVATE), so training may update such weights in place: the writes go to this process's
+own copies of the pages, never to the file. Each view holds a reference to its mapping, which stays open as
+long as any of its tensors lives; `save_checkpoint` replaces files by renaming, which leaves a mapped file's
+bytes as they were. (A program that rewrites a checkpoint file in place while a model still views it would
+change, or with a shorter file crash, that model: load with `zero_copy=False` then.)
 
 Loading is strict. A missing, unexpected or mis-shaped tensor is an error that names it (Meta's reference
 loads with strict=False, which silently leaves garbage weights). `.pth` files are read with
@@ -38,7 +45,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, decode_layouts, laid_out_for_decode
 from moe import MoE
 
 
@@ -60,7 +67,10 @@ class SafetensorsFile:
     """A .safetensors file read through mmap: 8 bytes of header length, a JSON header, then raw data.
 
     `tensor(name)` is a zero-copy view into the mapping; `release(name)` tells the kernel we are done with
-    its pages, so the resident memory does not grow with every tensor read.
+    its pages, so the resident memory does not grow with every tensor read. The mapping is private
+    (ACCESS_COPY = MAP_PRIVATE): writes through a view stay in this process. Each view's storage holds a
+    reference to the mmap object (torch.frombuffer), so the mapping lives as long as any view does; it is
+    never closed explicitly (closing it would leave the views pointing at unmapped memory).
     """
 
     def __init__(self, path: Path):
@@ -508,14 +518,19 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, path: Path, store=_assign,
-         keep_dtype: tuple[str, ...] = (), where: str = "") -> None:
+         keep_dtype: tuple[str, ...] = (), where: str = "", zero_copy: bool = False,
+         layouts: dict[str, bool] | None = None) -> None:
     """Copy every (checkpoint name, our name, tensor, release) of `stream` into the meta-built `model`, strictly:
     each tensor must have a place of the right shape, exactly once, and every place must be filled. Each
     tensor is copied once, to its device and dtype (names ending in keep_dtype keep theirs), then its file
-    pages are released."""
+    pages are released. With zero_copy (CPU only), a tensor that is already in its final dtype is stored as
+    the memory-mapped view itself, and its pages stay mapped. `layouts` (model.decode_layouts) lays those
+    weights out for decoding as they arrive (model.laid_out_for_decode: a copy only where the layout differs)."""
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
-    loaded, unexpected = set(), []
+    zero_copy = zero_copy and torch.device(device).type == "cpu"
+    layouts = layouts or {}
+    loaded, unexpected, viewed = set(), [], set()
     for key, ours, t, done in stream:
         if ours is None or ours not in expected:
             unexpected.append(key)
@@ -525,10 +540,18 @@ def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, 
         if ours in loaded:
             raise CheckpointError(f"{key}: {ours} appears twice in the checkpoint")
         keep = dtype is None or not t.is_floating_point() or ours.endswith(keep_dtype)
-        dest = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
-        store(model, ours, t.copy_into(dest) if isinstance(t, Concat) else dest.copy_(t))  # the one copy
+        if zero_copy and (keep or t.dtype == dtype) and not isinstance(t, Concat):
+            value = t  # a view of the mapped file: nothing is read until it is used
+        else:
+            dest = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
+            value = t.copy_into(dest) if isinstance(t, Concat) else dest.copy_(t)  # the one copy
+        if ours in layouts:
+            value = laid_out_for_decode(value, layouts[ours])  # a copy if its layout had to change
+        if isinstance(t, torch.Tensor) and value.data_ptr() == t.data_ptr():
+            viewed.add(key)
+        store(model, ours, value)
         loaded.add(ours)
-        if done is not None:
+        if done is not None and key not in viewed:  # (pages that a model tensor views stay mapped)
             done()
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) that this model has no place for: "
@@ -554,11 +577,18 @@ def _native_quantization(path: Path) -> dict | None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               vision: bool = False, quantize: str | None = None, group_size: int = 128) -> Transformer:
+               vision: bool = False, quantize: str | None = None, group_size: int = 128,
+               zero_copy: bool = True, for_decode: bool = False) -> Transformer:
     """Build a Transformer from a checkpoint directory in any of the three layouts, in eval mode.
 
     dtype None keeps the stored dtype. vision=True also loads the image encoder (multimodal checkpoints).
     quantize "int4" / "fp8" quantizes the expert weights as they stream in (see quantize.py).
+    zero_copy: on the CPU, tensors stored in the dtype asked for stay views of the memory-mapped files
+    (copy-on-write; see the module docstring); False copies every tensor into memory of its own. (A Hugging
+    Face checkpoint's expert w1 / w3 are then strided halves of its fused gate_up_proj: their products round
+    differently, ~1e-7 relative, from those of contiguous copies.)
+    for_decode: lay the text weights out as model.prepare_for_decode does (for decoding on the CPU), each
+    as it is read: the ones whose layout changes are copied once, their file pages released.
     """
     path = Path(path)
     if not path.exists():
@@ -581,8 +611,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
     stream = _stream_meta(path, args, vision) if layout == "meta" else safetensors_stream(path, layout, vision)
 
+    # Quantizing on the fly reads each expert once and keeps only its quantized form: those pages are released.
     fill(model, stream, device, dtype, path, store, keep_dtype=(".qweight", ".scale") if stored else (),
-         where=f"config says dim {args.dim}, {args.n_experts} experts")
+         where=f"config says dim {args.dim}, {args.n_experts} experts", zero_copy=zero_copy and not quantize,
+         layouts=decode_layouts(model) if for_decode else None)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a model tensor that no checkpoint fills: a bug in this file, not in the checkpoint
         raise CheckpointError(f"internal: tensors left without values after loading: {left[:5]}")

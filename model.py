@@ -22,15 +22,22 @@ Run `python model.py --flavor scout` to build Scout on the meta device and count
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moe import MoE, FeedForward
+from moe import Experts, FeedForward, MoE
 from rope import apply_rope, nope_layers, rope_angles, rope_frequencies
+
+# Decoding on CUDA keeps PyTorch away from cuDNN's attention kernel: cuDNN builds an execution plan for every
+# new shape, and a decode step's key length is new every step. Measured on an H200 (torch 2.11, bench/
+# gpu_profile.py): 30-70 ms of CPU per call, 90% of a step, against ~1 ms for the step's GPU work.
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -235,7 +242,8 @@ class Attention(nn.Module):
         else:
             if self.chunk not in masks:
                 masks[self.chunk] = attention_mask(pos, k_pos, self.chunk)  # (B, 1, T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.chunk], enable_gqa=True)
+            with sdpa_kernel(NO_CUDNN) if x.is_cuda and T == 1 else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.chunk], enable_gqa=True)
         return self.wo(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -263,7 +271,12 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding's own init, N(0, 1), except on the meta device (checkpoint loading): there is nothing to
+        # draw there, and normal_ on a meta tensor would import torch._dynamo (~1.5 s, once per process).
+        embedding = torch.empty(args.vocab_size, args.dim)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.tok_embeddings = nn.Embedding.from_pretrained(embedding, freeze=False)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
@@ -342,6 +355,59 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
     if model.vision is not None and hasattr(model.vision, "init_weights"):
         model.vision.init_weights()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weight layout for decoding on the CPU
+# --------------------------------------------------------------------------------------------------------
+
+def column_major_pays(out_features: int, in_features: int) -> bool:
+    """Whether x @ W.T at batch 1 in fp32 is faster on the CPU with W (out, in) stored column-major, i.e. as
+    a contiguous (in, out) matrix. Measured with bench/layout.py (MKL's matrix-vector kernels, 2 cores, five
+    runs on a shared machine): the kernel for row-major weights reads 6-14 GB/s at these shapes; the one for
+    column-major weights is faster the longer its columns (the more outputs): 1.2-1.6x for 1024 x 512,
+    1.2-3.2x for the 32000 x 512 output head, but slower when there are fewer outputs than inputs (0.4-0.8x
+    for 512 x 1024); square 512 x 512 comes out about even."""
+    return out_features > in_features
+
+
+def decode_layouts(model: Transformer) -> dict[str, bool]:
+    """The text weights prepare_for_decode lays out: name -> whether it is stored column-major (the experts'
+    (E, in, out) stacks, used as x @ w[e]) or row-major (nn.Linear's (out, in), used as x @ W.T)."""
+    names = {}
+    for prefix, module in [*model.layers.named_modules(prefix="layers"), ("output", model.output)]:
+        if isinstance(module, nn.Linear):
+            names[prefix + ".weight"] = False
+        elif isinstance(module, Experts):
+            names.update({f"{prefix}.{w}": True for w in ("w1", "w3", "w2")})
+    return names
+
+
+def laid_out_for_decode(w: torch.Tensor, stored_column_major: bool) -> torch.Tensor:
+    """An fp32 weight as stored, (out, in) or (E, in, out), dense and in the layout its CPU matrix-vector
+    product reads fastest: column-major where column_major_pays says so, else row-major. The same tensor when
+    it is laid out so already, else a copy. Other dtypes are returned as they are: bf16 products are
+    compute-bound on this CPU, as fast in either layout (bench/layout.py)."""
+    if w.dtype != torch.float32:
+        return w
+    m = w.transpose(-1, -2) if stored_column_major else w  # (..., out, in)
+    m = m.transpose(-1, -2).contiguous().transpose(-1, -2) if column_major_pays(*m.shape[-2:]) else m.contiguous()
+    return m.transpose(-1, -2) if stored_column_major else m
+
+
+@torch.no_grad()
+def prepare_for_decode(model: Transformer) -> Transformer:
+    """Lay out each text weight for decoding on the CPU (laid_out_for_decode); returns the model.
+
+    Names, shapes and values stay the same (state_dict, saving and loading see no difference); only the
+    memory order changes, and with it the rounding of the products (their terms are summed in another
+    order: ~1e-7 relative in fp32). `checkpoint.load_model(..., for_decode=True)` lays the weights out while
+    loading instead, copying each at most once.
+    """
+    for name, stored_column_major in decode_layouts(model).items():
+        p = model.get_parameter(name)
+        p.data = laid_out_for_decode(p.data, stored_column_major)
+    return model
 
 
 def param_counts(model: Transformer) -> dict[str, int]:

@@ -23,6 +23,7 @@ Run `python moe.py` to route a batch through a debug-sized layer and print the e
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,25 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.parts: list[tuple[torch.Tensor, ...]] | None = None  # each expert's (w1, w3, w2), see taken_apart
+
+    @contextlib.contextmanager
+    def taken_apart(self):
+        """Within: each expert's weights are the views of one unbind per stack, made once (MoE.dispatch).
+
+        Both ways are views, but backward differs: the gradient of `w1[e]` is a tensor of the whole stack's
+        size, zero but for expert e, one per expert used, summed; unbind's gradient stacks them once.
+        """
+        self.parts = list(zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)))
+        try:
+            yield
+        finally:
+            self.parts = None
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x (n, D) -> (n, D). Indexing the stacked weights is a view: no copy."""
-        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+        """Expert e on its tokens x (n, D) -> (n, D). Its weights are views of the stacks: no copy."""
+        w1, w3, w2 = self.parts[e] if self.parts is not None else (self.w1[e], self.w3[e], self.w2[e])
+        return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
 class MoE(nn.Module):
@@ -99,10 +115,13 @@ class MoE(nn.Module):
         routed_in = x[order // k] * gates.flatten()[order, None]  # (N*k, D): the gate scales the input
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts.expert(e, routed_in[start:start + n]))
-                start += n
+        # Training: take the stacks apart once (see Experts.taken_apart). Without autograd nothing is gained.
+        grads = torch.is_grad_enabled() and isinstance(self.experts, Experts) and self.experts.w1.requires_grad
+        with self.experts.taken_apart() if grads else contextlib.nullcontext():
+            for e, n in enumerate(counts):
+                if n:
+                    outs.append(self.experts.expert(e, routed_in[start:start + n]))
+                    start += n
         if not outs:  # no tokens at all
             return torch.zeros_like(x)
         routed_out = torch.cat(outs)  # (N*k, D), sorted by expert

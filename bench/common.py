@@ -12,6 +12,7 @@ parameters in all, 47M of them read per decoded token (embedding table excluded:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -123,6 +124,20 @@ def temp_checkpoint(cfg, seed: int = 0) -> tuple[tempfile.TemporaryDirectory, Pa
     """Write the checkpoint into a fresh temporary directory; keep the returned handle alive while in use."""
     tmp = tempfile.TemporaryDirectory(prefix="llama4-bench-")
     return tmp, write_checkpoint(cfg, tmp.name, seed)
+
+
+@contextlib.contextmanager
+def experts_indexed_per_expert():
+    """Our MoE as it was before `Experts.taken_apart`: each expert's weights indexed from the stacks, w1[e],
+    so that autograd builds a gradient of a whole stack's size per expert used (for before/after rows)."""
+    import moe
+
+    original = moe.Experts.taken_apart
+    moe.Experts.taken_apart = lambda self: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        moe.Experts.taken_apart = original
 
 
 # --------------------------------------------------------------------------------------------------------

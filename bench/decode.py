@@ -13,6 +13,8 @@ and the bandwidth is measured here, interleaved with the decoding runs (the larg
 matrix-vector product, median of the samples).
 transformers runs every expert on every token, so it reads all of them. A last column runs only our step's
 weight matrix products, back to back: the ceiling that PyTorch's kernels set for any code around them.
+Ours runs twice: as `checkpoint.load_model` returns it, and after `model.prepare_for_decode` (each weight in
+the memory layout that the CPU's matrix-vector kernels read fastest; what generate.py does on the CPU).
 
     python bench/decode.py                  # fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes fp32 --batches 1 --repeats 3
@@ -98,17 +100,23 @@ def matmuls_alone(model, batch: int, distinct: list[float], steps: int):
 
 
 def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
+    from model import prepare_for_decode
+
     dtype = common.DTYPES[dtype_name]
     hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
+    prepared = prepare_for_decode(common.load_ours(path, dtype))
     prompt = torch.randint(0, hf.config.vocab_size, (batch, a.prompt), generator=torch.Generator().manual_seed(batch))
     hf_cache, hf_first = prefill_theirs(hf, prompt)
     our_cache, our_first = prefill_ours(ours, prompt, a.steps)
+    prep_cache, prep_first = prefill_ours(prepared, prompt, a.steps)
 
     # One untimed segment each: warms up, checks agreement, counts the experts ours actually reads.
     used: list[list[int]] = []
     ours_tokens = decode_ours(ours, copy.deepcopy(our_cache), our_first, a.steps, used)
     theirs_tokens = decode_theirs(hf, copy.deepcopy(hf_cache), hf_first, a.steps)
+    prep_tokens = decode_ours(prepared, copy.deepcopy(prep_cache), prep_first, a.steps)
     agree = (torch.cat([our_first[:, None], ours_tokens], 1) == torch.cat([hf_first[:, None], theirs_tokens], 1))
+    same = torch.equal(torch.cat([our_first[:, None], ours_tokens], 1), torch.cat([prep_first[:, None], prep_tokens], 1))
     distinct = [sum(step[i] for step in used) / len(used) for i in range(len(used[0]))]
     bytes_step = common.weight_bytes_per_step(ours, distinct)
 
@@ -120,21 +128,26 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
 
     times = common.interleaved({"transformers": run(decode_theirs, hf, hf_cache, hf_first),
                                 "ours": run(decode_ours, ours, our_cache, our_first),
-                                "matmuls": matmuls_alone(ours, batch, distinct, a.steps),
+                                "prepared": run(decode_ours, prepared, prep_cache, prep_first),
+                                "matmuls ours": matmuls_alone(ours, batch, distinct, a.steps),
+                                "matmuls prepared": matmuls_alone(prepared, batch, distinct, a.steps),
                                 "bandwidth": lambda: max(common.bandwidth_probe().values())}, a.repeats, warmup=1)
     bandwidth = common.median(times.pop("bandwidth"))  # GB/s
     bound = batch * bandwidth * 1e9 / bytes_step
     tps = {k: batch * a.steps / common.median(v) for k, v in times.items()}
     every_weight = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != "tok_embeddings.weight")
     rows = []
-    for name in ("transformers", "ours"):
-        rows.append([dtype_name, batch, name, tps[name], f"{tps[name] / tps['transformers']:.2f}x",
+    for name, label in (("transformers", "transformers"), ("ours", "ours, as loaded"),
+                        ("prepared", "ours, prepare_for_decode")):
+        matmuls = "" if name == "transformers" else f"{tps['matmuls ' + name]:.0f}"
+        rows.append([dtype_name, batch, label, tps[name], f"{tps[name] / tps['transformers']:.2f}x",
                      f"{bytes_step / 1e6:.0f}", f"{bandwidth:.1f}", f"{bound:.0f}", f"{100 * tps[name] / bound:.0f}%",
-                     f"{tps['matmuls']:.0f}"])
-    print(f"  {dtype_name} batch {batch}: greedy tokens agree {int(agree.sum())}/{agree.numel()}; "
+                     matmuls])
+    print(f"  {dtype_name} batch {batch}: greedy tokens agree {int(agree.sum())}/{agree.numel()} "
+          f"({'same' if same else 'NOT the same'} after prepare_for_decode); "
           f"distinct experts per layer {sum(distinct) / len(distinct):.2f}; transformers reads "
           f"{every_weight / 1e6:.0f} MB/step (every expert)", flush=True)
-    del hf, ours
+    del hf, ours, prepared
     return rows
 
 

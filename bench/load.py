@@ -6,8 +6,13 @@ fresh Python process so that the peak memory belongs to that one load: ours with
 theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
 
 - load s: the load call alone, with the file in the page cache (one unmeasured load of each comes first).
-  Imports are excluded: `import transformers` (~3 s) and, for ours, `torch._dynamo` (~1.7 s), which PyTorch
-  imports the first time a model is built on the meta device (transformers imports it anyway);
+  Imports are excluded (`import transformers`, ~3 s; `import checkpoint`); whatever the load itself imports
+  lazily counts (ours builds the model on the meta device without importing torch._dynamo, which costs
+  ~1.5 s);
+- ours is measured three times when the dtype is the stored one: as `load_model` runs by default (zero copy:
+  the weights stay views of the memory-mapped file, like transformers'), with `zero_copy=False` (every tensor
+  copied into the process's own memory), and with `for_decode=True` (what generate.py does on the CPU: the
+  weights whose layout model.prepare_for_decode changes are copied into it, the rest stay views);
 - + first read s: the load plus reading every parameter once (a sum). A loader that leaves the weights
   memory-mapped returns quickly and pays when they are first used: this column counts that too;
 - peak RSS: the process's high-water mark (VmHWM, after the first read), and the part above the RSS after
@@ -46,9 +51,8 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
     """Runs in its own process: import, load, read every weight, print one JSON line."""
     common.setup(threads)
     dtype = common.DTYPES[dtype_name]
-    if which == "ours":
-        import checkpoint  # noqa: F401  (import cost outside the timing, like transformers' below)
-        import torch._dynamo  # noqa: F401  (building a model on the meta device imports it; transformers already has)
+    if which.startswith("ours"):
+        import checkpoint  # (import cost outside the timing, like transformers' below)
     elif which == "transformers":
         import transformers  # noqa: F401
         transformers.Llama4ForCausalLM  # noqa: B018  (resolve the lazy import now)
@@ -59,7 +63,11 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
 
     base = rss("VmRSS")
     t0 = time.perf_counter()
-    model = common.load_ours(path, dtype) if which == "ours" else common.load_theirs(path, dtype)
+    if which == "transformers":
+        model = common.load_theirs(path, dtype)
+    else:
+        model = checkpoint.load_model(path, dtype=dtype, zero_copy=which != "ours-copy",
+                                      for_decode=which == "ours-for-decode")
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         total = sum(float(p.sum(dtype=torch.float32)) for p in model.parameters())  # read every byte once
@@ -95,15 +103,18 @@ def main() -> None:
         run_child("write", path, "fp32", a.threads)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         for dtype_name in a.dtypes:
+            loaders = ["transformers", "ours"] + (["ours-copy", "ours-for-decode"] if dtype_name == "fp32" else [])
             results = common.interleaved({w: (lambda w=w: run_child(w, path, dtype_name, a.threads))
-                                          for w in ("transformers", "ours")}, a.repeats, warmup=1)
+                                          for w in loaders}, a.repeats, warmup=1)
             sums = {}
-            for name in ("transformers", "ours"):
+            for name in loaders:
                 runs = results[name]
                 sums[name] = runs[0]["checksum"]
                 med = {k: common.median([r[k] for r in runs]) for k in ("seconds", "touched", "peak")}
                 above = common.median([r["peak"] - r["base"] for r in runs])
-                rows.append([dtype_name, name, f"{med['seconds']:.2f}", f"{med['touched']:.2f}",
+                label = {"ours": "ours" if dtype_name != "fp32" else "ours, zero copy", "ours-copy": "ours, copy",
+                         "ours-for-decode": "ours, for_decode"}
+                rows.append([dtype_name, label.get(name, name), f"{med['seconds']:.2f}", f"{med['touched']:.2f}",
                              f"{med['peak'] / 2**30:.2f}", f"{above / 2**30:.2f}", f"{above / size:.2f}x"])
             same = abs(sums["ours"] - sums["transformers"]) <= 1e-3 * max(1.0, abs(sums["ours"]))
             notes.append(f"{dtype_name}: sum of all weights after loading {'equal' if same else 'DIFFERENT'} "

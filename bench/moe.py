@@ -7,12 +7,18 @@ alternating; the table shows the median time per call and the tokens/s it means.
 every token in transformers' layer (zeros for the unchosen), so its cost does not fall with top-1 routing;
 ours multiplies each token by its chosen expert only.
 
+A second table times training's forward + backward through our layer, two ways: the experts' weights
+taken apart once per forward (`Experts.taken_apart`, what moe.py does) and indexed per expert (`w1[e]`, what
+it did before: autograd then builds a gradient of the whole (E, D, F) stack's size for every expert used and
+sums them), with the bytes that backward allocates (torch.profiler). The gradients are identical.
+
     python bench/moe.py
-    python bench/moe.py --tokens 1 4096 --dtypes fp32
+    python bench/moe.py --tokens 1 4096 --dtypes fp32 --backward-tokens 512
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import common  # first: sets up OpenMP before torch loads, and puts the project's moe.py ahead of this file
 import torch
@@ -40,18 +46,58 @@ def build(dtype: torch.dtype, seed: int = 0):
     return theirs.to(dtype).eval(), ours.to(dtype).eval()
 
 
+def backward_rows(layer: MoE, dtype_name: str, n: int, repeats: int) -> list[list]:
+    """Forward + backward of `layer` (trainable) on n tokens, weights taken apart once vs indexed per expert."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(n, layer.router.in_features, generator=torch.Generator().manual_seed(n)).to(layer.router.weight.dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+
+    def step(how):
+        def go():
+            layer.zero_grad(set_to_none=True)
+            with how():
+                (layer(x) * g).sum().backward()
+        return go
+    ways = {"taken apart once": contextlib.nullcontext, "indexed per expert": common.experts_indexed_per_expert}
+    times = common.interleaved({k: step(how) for k, how in ways.items()}, repeats, warmup=1)
+    allocated, grads = {}, {}
+    for k, how in ways.items():
+        layer.zero_grad(set_to_none=True)
+        with how():
+            y = (layer(x) * g).sum()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                y.backward()
+        allocated[k] = sum(ev.self_cpu_memory_usage for ev in prof.events() if ev.self_cpu_memory_usage > 0)
+        grads[k] = [p.grad.clone() for p in layer.experts.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(*grads.values()))
+    used = int(layer.last_expert_ids.unique().numel())
+    med = {k: common.median(v) for k, v in times.items()}
+    base = med["indexed per expert"]
+    print(f"  {dtype_name} {n} tokens, forward + backward: {used} experts used; expert gradients "
+          f"{'identical' if same else 'DIFFERENT'}", flush=True)
+    return [[dtype_name, n, k, f"{med[k] * 1e3:.1f}", f"{base / med[k]:.2f}x", f"{allocated[k] / 2**20:.0f}"]
+            for k in ("indexed per expert", "taken apart once")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(common.DTYPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 512, 4096], help="tokens per call (1 8 512 4096)")
+    p.add_argument("--backward-tokens", nargs="*", type=int, default=[512],
+                   help="tokens per forward + backward in the training table (512; none: skip it)")
     p.add_argument("--repeats", type=int, default=7, help="timed samples per implementation and size (7)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     common.setup(a.threads)
     load = common.load_average()
-    rows = []
+    rows, train_rows = [], []
     for dtype_name in a.dtypes:
         theirs, ours = build(common.DTYPES[dtype_name])
+        for n in a.backward_tokens:
+            layer = build(common.DTYPES[dtype_name])[1].train()
+            train_rows += backward_rows(layer, dtype_name, n, a.repeats)
+            del layer
         for n in a.tokens:
             x = torch.randn(n, theirs.hidden_dim, generator=torch.Generator().manual_seed(n)).to(common.DTYPES[dtype_name])
             calls = max(1, 64 // n)  # several calls per sample for the tiny inputs
@@ -74,6 +120,11 @@ def main() -> None:
         f"One MoE layer (dim 512, 16 experts x 1024 + shared, top-1), median of {a.repeats}; "
         f"{common.machine()}; load average {load} -> {common.load_average()}",
         ["dtype", "tokens", "implementation", "ms/call", "tok/s", "vs transformers"], rows)
+    if train_rows:
+        common.print_table(
+            f"Training through our MoE layer: forward + backward, median of {a.repeats}, and the bytes backward "
+            f"allocates", ["dtype", "tokens", "expert weights", "ms", "speed-up", "backward allocates MiB"],
+            train_rows)
 
 
 if __name__ == "__main__":

@@ -416,6 +416,146 @@ def test_load_fp32_as_bf16(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------
+# Zero copy: on the CPU, tensors already in the asked dtype stay views of the (private) file mapping
+# ------------------------------------------------------------------------------------------------------
+
+def mapped_files() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file mapping of this process, from /proc/self/maps (Linux)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5]))
+    return out
+
+
+def views_file(t: torch.Tensor, file: Path, maps) -> bool:
+    """Whether tensor t's first byte lies in a mapping of `file` (the kernel names mapped files in /proc)."""
+    return any(a <= t.data_ptr() < b and Path(name) == file.resolve() for a, b, name in maps)
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+
+
+@linux_only
+def test_zero_copy_views_the_file_only_when_the_dtype_matches(tiny, tmp_path):
+    model, want = tiny
+    save_checkpoint(model, tmp_path / "native")
+    write_hf(tmp_path / "hf", model)
+    write_meta(tmp_path / "meta1", TINY_META_PARAMS, model, n_shards=1)
+    write_meta(tmp_path / "meta2", TINY_META_PARAMS, model, n_shards=2)
+    files = {"native": tmp_path / "native" / "model.safetensors", "hf": tmp_path / "hf" / "model.safetensors",
+             "meta1": tmp_path / "meta1" / "consolidated.00.pth", "meta2": tmp_path / "meta2" / "consolidated.00.pth"}
+    for layout, file in files.items():
+        viewed = load_model(tmp_path / layout)
+        copied = load_model(tmp_path / layout, zero_copy=False)
+        as_bf16 = load_model(tmp_path / layout, dtype=torch.bfloat16)
+        maps = mapped_files()
+        on_file = {n for n, p in viewed.named_parameters() if views_file(p, file, maps)}
+        if layout == "meta2":  # two shards: only the replicated tensors (norms, router) can be views
+            assert on_file and all(n.endswith(("norm.weight", "router.weight")) for n in on_file), on_file
+        else:  # every weight, the HF experts' w1/w3 (halves of gate_up_proj) included
+            assert on_file == {n for n, _ in viewed.named_parameters()}, layout
+        assert not any(views_file(p, file, maps) for p in [*copied.parameters(), *as_bf16.parameters()]), layout
+        for n, p in copied.named_parameters():
+            assert torch.equal(viewed.get_parameter(n), p), (layout, n)
+        torch.testing.assert_close(logits(viewed), want, atol=1e-5, rtol=1e-5)
+        # Meta's router is stored (D, E): its view is the transpose, which BLAS sums in another order
+        torch.testing.assert_close(logits(viewed), logits(copied), atol=0 if layout in ("native", "hf") else 1e-6,
+                                   rtol=0 if layout in ("native", "hf") else 1e-6)
+
+
+def file_bytes(path: Path) -> list[bytes]:
+    return [f.read_bytes() for f in sorted(path.iterdir()) if f.suffix in (".safetensors", ".pth")]
+
+
+@pytest.mark.parametrize("layout", ["native", "hf", "meta1"])
+def test_training_a_zero_copy_model_never_writes_the_file(tiny, tmp_path, layout):
+    """The mapping is copy-on-write (MAP_PRIVATE): in-place updates (an AdamW step, a plain add_) change the
+    model, and neither the file nor a model loaded from it later."""
+    model, _ = tiny
+    path = {"native": lambda: save_checkpoint(model, tmp_path) or tmp_path, "hf": lambda: write_hf(tmp_path, model),
+            "meta1": lambda: write_meta(tmp_path, TINY_META_PARAMS, model, n_shards=1)}[layout]()
+    before = file_bytes(path)
+    loaded = load_model(path).train()
+    original = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    opt = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    loaded(tokens[:, :-1]).flatten(0, 1).log_softmax(-1).gather(1, tokens[:, 1:].reshape(-1, 1)).mean().neg().backward()
+    opt.step()
+    with torch.no_grad():
+        loaded.norm.weight.add_(1.0)
+    changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, original[n])]
+    assert len(changed) == len(original)  # AdamW moved every weight
+    assert file_bytes(path) == before
+    for n, p in load_model(path).named_parameters():
+        assert torch.equal(p, original[n]), n
+
+
+def test_saving_over_the_file_a_model_views_leaves_that_model_unchanged(tmp_path):
+    """save_checkpoint replaces the weights file by a rename: a model still viewing the old file keeps its
+    weights, a fresh load sees the new ones. Saving a zero-copy model over its own source works too."""
+    old, new = random_model(seed=1), random_model(seed=2)
+    path = tmp_path / "ckpt"
+    save_checkpoint(old, path)
+    loaded = load_model(path)
+    save_checkpoint(new, path)
+    assert torch.equal(logits(loaded), logits(old))
+    assert torch.equal(logits(load_model(path)), logits(new))
+    with torch.no_grad():  # update the model that views `path` in place, then save it over `path`
+        loaded.output.weight.mul_(2.0)
+    save_checkpoint(loaded, path)
+    for n, p in load_model(path).named_parameters():
+        want = old.get_parameter(n) * (2.0 if n == "output.weight" else 1.0)
+        assert torch.equal(p, want), n
+
+
+@linux_only
+def test_for_decode_lays_out_while_loading_like_prepare_for_decode(tiny, tmp_path):
+    """for_decode gives prepare_for_decode's layouts (and values); weights whose layout stays are still views
+    of the file, the others copies."""
+    from model import decode_layouts, prepare_for_decode
+
+    model, want = tiny
+    write_hf(tmp_path, model)
+    file = tmp_path / "model.safetensors"
+    loaded = load_model(tmp_path, for_decode=True)
+    reference = prepare_for_decode(load_model(tmp_path, zero_copy=False))
+    as_stored = load_model(tmp_path)  # zero copy: the file's own layouts
+    maps = mapped_files()
+    layouts = decode_layouts(loaded)
+    assert "output.weight" in layouts and "layers.1.feed_forward.experts.w1" in layouts
+    for name, p in loaded.named_parameters():
+        r = reference.get_parameter(name)
+        assert p.stride() == r.stride() and torch.equal(p, r), name
+        assert views_file(p, file, maps) == (p.stride() == as_stored.get_parameter(name).stride()), name
+    assert not views_file(loaded.output.weight, file, maps)  # 64 x 32 fp32: column-major now
+    assert views_file(loaded.layers[0].attention.wk.weight, file, maps)  # 16 x 32: stays row-major
+    torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=1e-5)
+
+
+@linux_only
+def test_the_mapping_lives_exactly_as_long_as_the_model(tmp_path):
+    import gc
+
+    save_checkpoint(random_model(seed=1), tmp_path)
+    file = (tmp_path / "model.safetensors").resolve()
+    loaded = load_model(tmp_path)
+    gc.collect()  # nothing but the model's tensors refers to the mapping now
+    assert any(Path(name) == file for _, _, name in mapped_files())
+    assert torch.equal(logits(loaded), logits(random_model(seed=1)))  # still readable
+    w = loaded.output.weight
+    del loaded
+    gc.collect()
+    assert any(Path(name) == file for _, _, name in mapped_files())  # one tensor keeps it alive
+    assert torch.equal(w, random_model(seed=1).output.weight)
+    del w
+    gc.collect()
+    assert not any(Path(name) == file for _, _, name in mapped_files())  # then it is unmapped
+
+
+# ------------------------------------------------------------------------------------------------------
 # Streaming: loading needs about one copy of the weights
 # ------------------------------------------------------------------------------------------------------
 
@@ -457,8 +597,10 @@ try:  # reset the high-water mark to the current RSS (Linux), so imports do not 
     reset = True
 except OSError:
     reset = False
-model = load_model(sys.argv[2])
+model = load_model(sys.argv[2], zero_copy=sys.argv[3] != "copy", for_decode=sys.argv[3] == "for_decode")
 n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+with torch.no_grad():  # read every weight once: a zero-copy load maps the pages in only now
+    sum(float(t.float().sum()) for t in model.state_dict().values())
 print(json.dumps(dict(before=before, hwm=hwm() if reset else None, reset=reset,
                       ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, model_bytes=n)))
 """
@@ -480,8 +622,8 @@ def big(tmp_path_factory):
     return root
 
 
-def peak_increase(path: Path) -> tuple[float, dict]:
-    r = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT), str(path)], capture_output=True, text=True,
+def peak_increase(path: Path, how: str) -> tuple[float, dict]:
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT), str(path), how], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -489,14 +631,15 @@ def peak_increase(path: Path) -> tuple[float, dict]:
     return peak - m["before"], m
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
-def test_streaming_load_peak_memory(big, layout):
+@pytest.mark.parametrize("layout,how", [("hf", "copy"), ("hf", "zero_copy"), ("hf", "for_decode"),
+                                        ("meta", "copy"), ("meta", "zero_copy")])
+def test_streaming_load_peak_memory(big, layout, how):
     path = big / layout
     files = list(path.glob("*.safetensors")) + list(path.glob("*.pth"))
     ckpt_bytes = sum(f.stat().st_size for f in files)
-    increase, m = peak_increase(path)
+    increase, m = peak_increase(path, how)
     ratio = increase / ckpt_bytes
-    print(f"{layout}: checkpoint {ckpt_bytes / 1e6:.1f} MB, model {m['model_bytes'] / 1e6:.1f} MB, "
+    print(f"{layout}, {how}: checkpoint {ckpt_bytes / 1e6:.1f} MB, model {m['model_bytes'] / 1e6:.1f} MB, "
           f"peak RSS increase {increase / 1e6:.1f} MB = {ratio:.3f} x checkpoint")
     assert m["model_bytes"] >= 0.95 * ckpt_bytes  # the weights really are (almost all of) the files
     assert ratio <= 1.3, f"{layout}: loading peaked at {ratio:.2f} x the checkpoint's bytes"

@@ -6,6 +6,7 @@ input; the load-balancing bias moves by the hand-worked rule and only changes th
 RoPE: interleaved pairs rotated one 2x2 rotation at a time (not rotate_half); Llama 3 scaling written out per
 frequency in Python floats; the iRoPE schedule.
 """
+import contextlib
 import math
 import os
 import sys
@@ -93,6 +94,31 @@ def test_dispatch_unchosen_experts_get_zero_grad():
     m(torch.randn(10, D)).sum().backward()
     for e in range(E):
         assert (m.experts.w1.grad[e].abs().sum() > 0) == (e == 3)
+
+
+def full_size_gradients_in_backward(m: MoE, x: torch.Tensor) -> int:
+    """How many tensors of one expert stack's size (w1, w3 and w2 hold as many numbers) backward allocates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m.zero_grad(set_to_none=True)
+    y = m(x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return sum(1 for ev in prof.events() if ev.self_cpu_memory_usage == m.experts.w1.nbytes)
+
+
+def test_backward_stacks_each_expert_gradient_once_with_the_same_numbers(monkeypatch):
+    """Indexing w1[e] per expert makes autograd build a whole-stack-sized gradient per expert used and sum them;
+    taking the stacks apart once (Experts.taken_apart) builds one per stack. The numbers are the same."""
+    m = make_moe(top_k=2)
+    x = torch.randn(30, D)
+    assert len(set(torch.topk(m.router(x), 2).indices.flatten().tolist())) == E  # every expert is used
+    assert full_size_gradients_in_backward(m, x) == 3  # one per stack: w1, w3, w2
+    new = [p.grad.clone() for p in m.experts.parameters()]
+    monkeypatch.setattr(moe.Experts, "taken_apart", lambda self: contextlib.nullcontext())  # index per expert
+    assert full_size_gradients_in_backward(m, x) >= 3 * E
+    for a, p in zip(new, m.experts.parameters()):
+        assert torch.equal(a, p.grad)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -423,7 +423,8 @@ with torch.device("meta"):  # warm-up: torch's one-time meta-device setup (~75 M
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the high-water mark to the current RSS
 before = status("VmRSS")
-model = checkpoint.load_model(sys.argv[2], quantize=None if sys.argv[3] == "none" else sys.argv[3])
+model = checkpoint.load_model(sys.argv[2], quantize=None if sys.argv[3] == "none" else sys.argv[3],
+                              zero_copy=False)  # the control copies every tensor (zero copy would read nothing)
 size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps(dict(grew=status("VmHWM") - before, size=size)))
 """
