@@ -121,6 +121,28 @@ def test_backward_stacks_each_expert_gradient_once_with_the_same_numbers(monkeyp
         assert torch.equal(a, p.grad)
 
 
+def test_compiled_moe_does_not_recompile_for_new_expert_counts():
+    """torch.compile (train.py --compile) traces the layer once: the dispatch loop, whose trip counts are the
+    tokens per expert, stays eager. Compiled, it specialized on the counts and recompiled for every batch."""
+    import torch._dynamo
+
+    m, graphs = make_moe(top_k=1), []
+
+    def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=count_graphs)
+    traced = []
+    for seed in range(6):  # six batches of 3 tokens: each leaves a different set of experts empty
+        x = torch.randn(3, D, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(compiled(x), m(x))
+        traced.append(len(graphs))
+    torch._dynamo.reset()
+    assert traced[1:] == traced[:1] * 5, traced  # compiled through the loop: a new graph per batch
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dispatch_bf16_close_to_reference(top_k):
     m = make_moe(top_k, dtype=torch.bfloat16)
