@@ -11,8 +11,8 @@ Three layouts are read, each into the same `model.Transformer`:
 - This project's (`llama4.json` + `model.safetensors` with our own names), written by `save_checkpoint`.
 
 Scout is 218 GB in bf16, so loading never holds two copies: the model is built on the "meta" device (shapes,
-no memory), then each tensor is read from a memory-mapped file, copied to its place (device, dtype,
-quantized on the fly if asked), and the file's pages are handed back to the kernel before the next one.
+no memory), then each tensor is read from a memory-mapped file (storage.py), copied to its place (device,
+dtype, quantized on the fly if asked), and the file's pages are handed back to the kernel before the next one.
 On the CPU, a tensor already in the asked dtype is not copied at all: the model keeps a view of the mapped
 file (zero copy), and the kernel reads its pages the first time they are used. The mapping is private
 (copy-on-write, MAP_PRIVATE), so training may update such weights in place: the writes go to this process's
@@ -23,21 +23,13 @@ change, or with a shorter file crash, that model: load with `zero_copy=False` th
 
 Loading is strict. A missing, unexpected or mis-shaped tensor is an error that names it (Meta's reference
 loads with strict=False, which silently leaves garbage weights). `.pth` files are read with
-`weights_only=True`: a checkpoint can never run code.
+`weights_only=True` (storage.load_pth): a checkpoint can never run code.
 """
 from __future__ import annotations
 
-import codecs
-import contextlib
-import ctypes
-import io
 import json
-import mmap
 import os
 import re
-import shutil
-import struct
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,99 +39,7 @@ from torch import nn
 
 from model import ModelArgs, Transformer, decode_layouts, laid_out_for_decode
 from moe import MoE
-
-
-class CheckpointError(ValueError):
-    """A checkpoint this code cannot load, with a message that says why."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Reading tensors from memory-mapped files
-# --------------------------------------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                       "F8_E5M2": torch.float8_e5m2}
-
-
-class SafetensorsFile:
-    """A .safetensors file read through mmap: 8 bytes of header length, a JSON header, then raw data.
-
-    `tensor(name)` is a zero-copy view into the mapping; `release(name)` tells the kernel we are done with
-    its pages, so the resident memory does not grow with every tensor read. The mapping is private
-    (ACCESS_COPY = MAP_PRIVATE): writes through a view stay in this process. Each view's storage holds a
-    reference to the mmap object (torch.frombuffer), so the mapping lives as long as any view does; it is
-    never closed explicitly (closing it would leave the views pointing at unmapped memory).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n} > file size {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
-            self.metadata = header.pop("__metadata__", None) or {}
-            self.entries, self.data_start = header, 8 + n
-            end = max((e["data_offsets"][1] for e in header.values()), default=0)
-            if self.data_start + end > size:
-                raise CheckpointError(f"{path}: truncated: the header needs {self.data_start + end} bytes, "
-                                      f"the file has {size}")
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[name]["shape"])
-
-    def tensor(self, name: str) -> torch.Tensor:
-        e = self.entries[name]
-        if e["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
-        dtype = _SAFETENSORS_DTYPES[e["dtype"]]
-        start, end = e["data_offsets"]
-        if end == start:
-            return torch.empty(e["shape"], dtype=dtype)
-        t = torch.frombuffer(self.mm, dtype=dtype, count=(end - start) // dtype.itemsize,
-                             offset=self.data_start + start)
-        return t.view(e["shape"])
-
-
-def release(t: torch.Tensor) -> None:
-    """Drop the pages behind a memory-mapped tensor from this process's resident memory (Linux madvise).
-
-    The pages are clean copies of the file, so the kernel re-reads them if they are ever touched again.
-    """
-    if not hasattr(os, "sched_getaffinity") or t.numel() == 0:  # Linux only; elsewhere the OS reclaims them
-        return
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    start = (start + page - 1) // page * page  # only whole pages that belong to this tensor alone
-    end = end // page * page
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-def _torch_load(path: Path) -> dict:
-    """A Meta shard, memory-mapped, with the safe unpickler: tensors and plain containers only. The release's
-    `*._extra_state` entries (TransformerEngine FP8 state, not weights) are pickled io.BytesIO objects, so
-    exactly the two harmless globals they need are allowed, as Meta's own loader does."""
-    try:
-        with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle that wants code, not a .pth at all
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+from storage import CheckpointError, SafetensorsFile, load_pth, release, staged
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -487,7 +387,7 @@ def safetensors_stream(path: Path, layout: str, vision: bool) -> Iterator:
 
 def _stream_meta(path: Path, args: ModelArgs, vision: bool) -> Iterator:
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = [_torch_load(f) for f in files]
+    shards = [load_pth(f) for f in files]
     keys = list(shards[0])
     for i, s in enumerate(shards[1:], 1):
         if set(s) != set(keys):
@@ -625,48 +525,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 # Saving this project's own layout
 # --------------------------------------------------------------------------------------------------------
 
+def write_config(directory: Path, args: ModelArgs) -> dict:
+    """Write `llama4.json` (the ModelArgs and the format's name) into `directory`; return what was written."""
+    cfg = asdict(args)
+    cfg["format"] = "llama4-minimal/1"
+    (directory / "llama4.json").write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
 def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
     """Write `llama4.json` + `model.safetensors` (+ the tokenizer file) so that a crash at any moment leaves a
-    loadable checkpoint (see `staged`)."""
+    loadable checkpoint (see `storage.staged`)."""
     from safetensors.torch import save_file
 
-    with staged(path, model.args, tokenizer) as (tmp, cfg):
+    with staged(path, tokenizer) as tmp:
+        cfg = write_config(tmp, model.args)
         state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-        # The config goes into the weights file too, so a crash between the renames of `publish` can never
-        # pair new weights with an old config (or the reverse): load_args reads it from there.
+        # The config goes into the weights file too, so a crash between the renames of `storage.publish` can
+        # never pair new weights with an old config (or the reverse): load_args reads it from there.
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "llama4_args": json.dumps(cfg)})
-
-
-@contextlib.contextmanager
-def staged(path: str | os.PathLike, args: ModelArgs, tokenizer: str | os.PathLike | None = None):
-    """A temporary directory beside `path`, holding `llama4.json` already; the caller writes the weights into
-    it, and on success everything is published into `path`. Yields (directory, config dict)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        cfg = asdict(args)
-        cfg["format"] = "llama4-minimal/1"
-        (tmp / "llama4.json").write_text(json.dumps(cfg, indent=2))
-        yield tmp, cfg
-        publish(tmp, path, tokenizer)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(tmp: Path, path: Path, tokenizer: str | os.PathLike | None = None) -> None:
-    """Move a checkpoint written in the temporary directory `tmp` into `path`, crash-safely: add the tokenizer
-    (under the name tokenizer.Tokenizer.find looks for), sync every file, then rename (each rename is atomic)."""
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / ("tokenizer.json" if str(tokenizer).endswith(".json") else "tokenizer.model"))
-    for f in tmp.iterdir():  # the bytes must be on disk before a rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if not path.exists():
-        os.replace(tmp, path)  # a new directory appears whole
-    else:  # replace file by file, weights last
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "model.safetensors"):
-            os.replace(f, path / f.name)
 
 
 def main() -> None:

@@ -51,10 +51,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import (CheckpointError, Concat, SafetensorsFile, _assign, _torch_load, detect_layout, fill,
-                        load_args, meta_merge, release, safetensors_stream)
+from checkpoint import Concat, _assign, detect_layout, fill, load_args, meta_merge, safetensors_stream
 from model import Cache, ModelArgs, Transformer
 from moe import Experts, FeedForward, MoE
+from storage import CheckpointError, SafetensorsFile, load_pth, release
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def _meta_local(key: str, parts: list[torch.Tensor], args: ModelArgs, plan: Plan
 
 def _stream_meta_local(path: Path, args: ModelArgs, plan: Plan, vision: bool):
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = [_torch_load(f) for f in files]  # memory-mapped: nothing is read yet
+    shards = [load_pth(f) for f in files]  # memory-mapped: nothing is read yet
     for i, s in enumerate(shards[1:], 1):
         if set(s) != set(shards[0]):
             raise CheckpointError(f"{files[i].name} and {files[0].name} hold different tensors, "

@@ -309,18 +309,22 @@ class Figure:
         return img
 
     def save(self, path: str) -> None:
-        """Write the PNG atomically: a temp file in the same folder, then os.replace."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self.image().save(f, format="PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_png(self.image(), path)
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    """Write a PNG atomically: a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def main() -> None:

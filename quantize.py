@@ -37,9 +37,7 @@ checkpoint: `<module>.qweight` and `<module>.scale`, e.g. `layers.0.feed_forward
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -50,6 +48,7 @@ from torch import nn
 
 import checkpoint
 from moe import MoE
+from storage import CheckpointError, SafetensorsFile, staged, write_safetensors
 from tokenizer import Tokenizer
 
 MODES = ("int4", "fp8")
@@ -457,34 +456,13 @@ def stored_quantization(metadata: dict) -> dict:
         group_size = int(metadata.get("group_size", GROUP_SIZE))
         targets = check_options(mode, metadata.get("quantized_modules", "experts").split(","))
     except ValueError as e:
-        raise checkpoint.CheckpointError(f"model.safetensors: bad quantization metadata: {e}") from None
+        raise CheckpointError(f"model.safetensors: bad quantization metadata: {e}") from None
     return dict(mode=mode, group_size=group_size, targets=list(targets))
 
 
 # --------------------------------------------------------------------------------------------------------
-# Saving a quantized checkpoint (this project's layout, written tensor by tensor, atomically)
+# Saving a quantized checkpoint (this project's layout; storage.py writes it tensor by tensor, atomically)
 # --------------------------------------------------------------------------------------------------------
-
-_ST_DTYPES = {dt: name for name, dt in checkpoint._SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """The safetensors format by hand (8-byte header length, JSON header, raw bytes), streamed one tensor
-    at a time so that writing never holds a second copy of the model."""
-    header, offset = {"__metadata__": metadata}, 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        f.flush()
-        os.fsync(f.fileno())
-
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
     """Write llama4.json + model.safetensors (packed tensors; mode and group size in its metadata) + the
@@ -494,7 +472,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | o
         raise ValueError("the model is not quantized (use quantize_model or load_model(..., quantize=...))")
     if any(getattr(m, "layout", "plain") != "plain" for m in model.modules()):
         raise ValueError("int4 weights were repacked for the CUDA kernel: quantize and save on the CPU")
-    with checkpoint.staged(path, model.args, tokenizer) as (tmp, _):
+    with staged(path, tokenizer) as tmp:
+        checkpoint.write_config(tmp, model.args)
         meta = {"format": "pt", "quantization": info["mode"], "group_size": str(info["group_size"]),
                 "quantized_modules": ",".join(info["targets"])}
         write_safetensors(tmp / "model.safetensors", model.state_dict(), meta)
@@ -527,9 +506,9 @@ def report(path: str | os.PathLike, mode: str, group_size: int = GROUP_SIZE, tar
     the total bytes before/after. Returns the totals."""
     path = Path(path)
     if checkpoint.detect_layout(path) == "native":
-        meta = checkpoint.SafetensorsFile(path / "model.safetensors").metadata
+        meta = SafetensorsFile(path / "model.safetensors").metadata
         if meta.get("quantization"):
-            raise checkpoint.CheckpointError(f"{path} is already quantized ({meta['quantization']})")
+            raise CheckpointError(f"{path} is already quantized ({meta['quantization']})")
     args = checkpoint.load_args(path)
     with torch.device("meta"):
         from model import Transformer
@@ -602,7 +581,7 @@ def main(argv=None) -> None:
             save_quantized(model, a.out, tokenizer=Tokenizer.path_in(a.ckpt))
             q = sum(b.numel() * b.element_size() for b in model.state_dict().values())
             print(f"wrote {a.out}: {a.mode} ({', '.join(targets)}), {_size(q)}")
-    except (checkpoint.CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

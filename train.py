@@ -69,7 +69,7 @@ import parallel
 import quantize
 from data import IGNORE, batch_rng, load_data, load_tokenizer
 from model import FLAVORS, ModelArgs, Transformer, init_weights, param_counts
-from moe import MoE, update_expert_bias
+from moe import MoE, keep_dispatch_eager, update_expert_bias
 
 TRAINER_FILE = "trainer.pt"
 # settings that may change when resuming (they do not change the numbers of the run)
@@ -326,6 +326,8 @@ def train(cfg) -> dict:
 
     cuda = torch.device(cfg.device).type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    if cfg.compile:
+        keep_dispatch_eager(model)
     fwd = torch.compile(model) if cfg.compile else model
     moes = moe_layers(model)
     window = torch.zeros(len(moes), moes[0][1].n_experts) if moes else None  # expert loads since the last log

@@ -28,7 +28,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFile, ImageOps
+
+from plot import save_png
 
 # ----------------------------------------------------------------------------------------------
 # 1. Loading and preprocessing
@@ -361,23 +362,8 @@ class Adapter(nn.Module):
 class VisionModel(nn.Module):
     """Tiles (N, 3, 336, 336) -> features (N, 144, text_dim) for the `<|patch|>` positions.
 
-    Our parameter names and the checkpoints' (code: `vision_key_from_hf`, `vision_key_from_meta`).
-    Shorthands: V = `vision_model.`, L = `vision_model.model.layers.J.`,
-    E = `vision_embeddings.vision_encoder.`, R = `vision_embeddings.vision_encoder.transformer.resblocks.J.`,
-    A = `vision_embeddings.vision_adapter.mlp.`; `*` = weight and bias.
-
-    | ours                        | HF                                 | Meta                        |
-    |-----------------------------|------------------------------------|-----------------------------|
-    | patch_embedding.weight      | V patch_embedding.linear.weight    | E conv1._linear.weight      |
-    | class_embedding             | V class_embedding                  | E class_embedding           |
-    | positional_embedding        | V positional_embedding_vlm         | E positional_embedding_vlm  |
-    | ln_pre.*, ln_post.*         | V layernorm_pre.*, layernorm_post.*| E ln_pre.*, ln_post.*       |
-    | layers.J.attn_norm.*        | L input_layernorm.*                | R ln_1.*                    |
-    | layers.J.attn.w{q,k,v,o}.*  | L self_attn.{q,k,v,o}_proj.*       | R attn.w{q,k,v,o}.*         |
-    | layers.J.mlp_norm.*         | L post_attention_layernorm.*       | R ln_2.*                    |
-    | layers.J.mlp.fc1.*, fc2.*   | L mlp.fc1.*, mlp.fc2.*             | R mlp.c_fc.*, mlp.c_proj.*  |
-    | adapter.fc1.weight, fc2     | V vision_adapter.mlp.fc1.weight,fc2| A c_fc.weight, c_proj.weight|
-    | projector.weight            | multi_modal_projector.linear_1.weight | vision_projection.weight |
+    Our parameter names and the Hugging Face and Meta checkpoints' are the tables `_BLOCK_KEYS` and
+    `_TOP_KEYS` below.
     """
 
     def __init__(self, args: VisionArgs):
@@ -419,35 +405,53 @@ class VisionModel(nn.Module):
 
 
 # --- checkpoint key names -> ours --------------------------------------------------------------
+# Our names and the checkpoints', one row per parameter (per module in a block: its weight and bias). HF's
+# are under `vision_model.` (block J: `vision_model.model.layers.J.`), Meta's under `vision_embeddings.`
+# (block J: `vision_embeddings.vision_encoder.transformer.resblocks.J.`); the projector is HF's
+# `multi_modal_projector.linear_1.weight`, Meta's `vision_projection.weight`. The last column: how Meta's
+# model-parallel shards of a weight join, the torch.cat dim (None = replicated: every shard holds all of it).
+# Column-parallel layers split their OUTPUT rows (dim 0, the bias too); row-parallel layers split their
+# INPUT columns (dim 1) and keep the bias whole.
 
-_HF_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
-             "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk",
-             "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
-             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
-_HF_TOP = {"patch_embedding.linear.weight": "patch_embedding.weight",
-           "class_embedding": "class_embedding", "positional_embedding_vlm": "positional_embedding",
-           "layernorm_pre.weight": "ln_pre.weight", "layernorm_pre.bias": "ln_pre.bias",
-           "layernorm_post.weight": "ln_post.weight", "layernorm_post.bias": "ln_post.bias",
-           "vision_adapter.mlp.fc1.weight": "adapter.fc1.weight",
-           "vision_adapter.mlp.fc2.weight": "adapter.fc2.weight"}  # fmt: skip
-_META_BLOCK = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.wq": "attn.wq", "attn.wk": "attn.wk",
-               "attn.wv": "attn.wv", "attn.wo": "attn.wo", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
-_META_TOP = {"vision_encoder.conv1._linear.weight": "patch_embedding.weight",
-             "vision_encoder.class_embedding": "class_embedding",
-             "vision_encoder.positional_embedding_vlm": "positional_embedding",
-             "vision_encoder.ln_pre.weight": "ln_pre.weight", "vision_encoder.ln_pre.bias": "ln_pre.bias",
-             "vision_encoder.ln_post.weight": "ln_post.weight", "vision_encoder.ln_post.bias": "ln_post.bias",
-             "vision_adapter.mlp.c_fc.weight": "adapter.fc1.weight",
-             "vision_adapter.mlp.c_proj.weight": "adapter.fc2.weight"}  # fmt: skip
+_BLOCK_KEYS = [  # in block J
+    # ours        HF                          Meta          shards
+    ("attn_norm", "input_layernorm",          "ln_1",       None),
+    ("attn.wq",   "self_attn.q_proj",         "attn.wq",    0),
+    ("attn.wk",   "self_attn.k_proj",         "attn.wk",    0),
+    ("attn.wv",   "self_attn.v_proj",         "attn.wv",    0),
+    ("attn.wo",   "self_attn.o_proj",         "attn.wo",    1),
+    ("mlp_norm",  "post_attention_layernorm", "ln_2",       None),
+    ("mlp.fc1",   "mlp.fc1",                  "mlp.c_fc",   0),
+    ("mlp.fc2",   "mlp.fc2",                  "mlp.c_proj", 1),
+]  # fmt: skip
+_TOP_KEYS = [
+    ("patch_embedding.weight", "patch_embedding.linear.weight", "vision_encoder.conv1._linear.weight",     0),
+    ("class_embedding",        "class_embedding",               "vision_encoder.class_embedding",          None),
+    ("positional_embedding",   "positional_embedding_vlm",      "vision_encoder.positional_embedding_vlm", None),
+    ("ln_pre.weight",          "layernorm_pre.weight",          "vision_encoder.ln_pre.weight",            None),
+    ("ln_pre.bias",            "layernorm_pre.bias",            "vision_encoder.ln_pre.bias",              None),
+    ("ln_post.weight",         "layernorm_post.weight",         "vision_encoder.ln_post.weight",           None),
+    ("ln_post.bias",           "layernorm_post.bias",           "vision_encoder.ln_post.bias",             None),
+    ("adapter.fc1.weight",     "vision_adapter.mlp.fc1.weight", "vision_adapter.mlp.c_fc.weight",          0),
+    ("adapter.fc2.weight",     "vision_adapter.mlp.fc2.weight", "vision_adapter.mlp.c_proj.weight",        1),
+]  # fmt: skip
 
 
-def _block_key(rest: str, layers_prefix: str, table: dict, key: str) -> str:
-    """'<layers_prefix>J.<module>.<param>' -> 'layers.J.<ours>.<param>'."""
-    layer, _, tail = rest[len(layers_prefix):].partition(".")
-    module, _, param = tail.rpartition(".")
-    if not layer.isdigit() or module not in table or param not in ("weight", "bias"):
-        raise KeyError(f"unknown vision key {key!r}")
-    return f"layers.{layer}.{table[module]}.{param}"
+def _lookup(key: str, rest: str, layers: str, column: int) -> tuple[str, int | None]:
+    """(our name, Meta's shard dim) of `key`, which is `rest` under its checkpoint's vision prefix; `layers`
+    is that checkpoint's prefix of the blocks, `column` its column in the tables (1 HF, 2 Meta)."""
+    if rest.startswith(layers):  # '<layers>J.<module>.<param>'
+        layer, _, tail = rest[len(layers):].partition(".")
+        module, _, param = tail.rpartition(".")
+        row = next((r for r in _BLOCK_KEYS if r[column] == module), None)
+        if layer.isdigit() and row and param in ("weight", "bias"):
+            dim = None if param == "bias" and row[3] == 1 else row[3]  # a row-parallel bias is whole
+            return f"layers.{layer}.{row[0]}.{param}", dim
+    else:
+        row = next((r for r in _TOP_KEYS if r[column] == rest), None)
+        if row:
+            return row[0], row[3]
+    raise KeyError(f"unknown vision key {key!r}")
 
 
 def vision_key_from_hf(key: str) -> str | None:
@@ -456,49 +460,30 @@ def vision_key_from_hf(key: str) -> str | None:
         return "projector.weight"
     if not key.startswith("vision_model."):
         return None
-    rest = key[len("vision_model."):]
-    if rest.startswith("model.layers."):
-        return _block_key(rest, "model.layers.", _HF_BLOCK, key)
-    if rest not in _HF_TOP:
-        raise KeyError(f"unknown vision key {key!r}")
-    return _HF_TOP[rest]
+    return _lookup(key, key[len("vision_model."):], "model.layers.", 1)[0]
+
+
+def _from_meta(key: str) -> tuple[str, int | None] | None:
+    if key == "vision_projection.weight":
+        return "projector.weight", 0
+    if not key.startswith("vision_embeddings.") or key.endswith("_extra_state"):
+        return None
+    return _lookup(key, key[len("vision_embeddings."):], "vision_encoder.transformer.resblocks.", 2)
 
 
 def vision_key_from_meta(key: str) -> str | None:
     """Meta `consolidated.NN.pth` key -> our VisionModel key; None if not a vision weight."""
-    if key == "vision_projection.weight":
-        return "projector.weight"
-    if not key.startswith("vision_embeddings.") or key.endswith("_extra_state"):
-        return None
-    rest = key[len("vision_embeddings."):]
-    if rest.startswith("vision_encoder.transformer.resblocks."):
-        return _block_key(rest, "vision_encoder.transformer.resblocks.", _META_BLOCK, key)
-    if rest not in _META_TOP:
-        raise KeyError(f"unknown vision key {key!r}")
-    return _META_TOP[rest]
+    found = _from_meta(key)
+    return found[0] if found else None
 
 
 def vision_meta_shard_dim(key: str) -> int | None:
-    """How Meta's model-parallel shards of a vision weight join: the torch.cat dim, or None if
-    every shard holds the full tensor (take shard 0).
-
-    Column-parallel layers (wq/wk/wv weight+bias, mlp c_fc weight+bias, conv1._linear, the adapter's
-    c_fc, vision_projection) split their OUTPUT rows: dim 0. Row-parallel layers (attn wo, mlp
-    c_proj, the adapter's c_proj) split their INPUT columns: dim 1, and keep their bias whole.
-    Norms, class and positional embeddings are replicated.
-    """
-    ours = vision_key_from_meta(key)
-    if ours is None:
+    """How Meta's model-parallel shards of a vision weight join: the torch.cat dim, or None if every shard
+    holds the full tensor (take shard 0). See the tables above."""
+    found = _from_meta(key)
+    if found is None:
         raise KeyError(f"not a vision weight: {key!r}")
-    if ours in ("patch_embedding.weight", "projector.weight", "adapter.fc1.weight"):
-        return 0
-    if ours == "adapter.fc2.weight":
-        return 1
-    if (".attn.w" in ours and ".attn.wo." not in ours) or ".mlp.fc1." in ours:
-        return 0
-    if ours.endswith(("attn.wo.weight", "mlp.fc2.weight")):
-        return 1
-    return None
+    return found[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,19 +551,6 @@ def render_tiles(pixels: torch.Tensor, grid, gap: int = 8) -> Image.Image:
     return out
 
 
-def save_png(image: Image.Image, path: str) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Show how Llama 4 tiles an image and what tokens it costs.")
     parser.add_argument("image", nargs="?", help="image file (default: a generated 900x500 test image)")
@@ -603,7 +575,7 @@ def main(argv=None) -> int:
     names = {v: k for k, v in image_special_ids().items()}
     counts = {n: tokens.count(i) for i, n in names.items()}
     print(f"prompt: {len(tokens)} tokens: " + ", ".join(f"{n} x{c}" for n, c in counts.items() if c))
-    save_png(render_tiles(pixels, grid), args.out)
+    save_png(render_tiles(pixels, grid), args.out)  # atomically (plot.py)
     print(f"wrote {args.out}")
     if args.debug_encoder:
         torch.manual_seed(0)

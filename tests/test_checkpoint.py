@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import checkpoint  # noqa: E402
+import storage  # noqa: E402
 from checkpoint import CheckpointError, load_args, load_model, save_checkpoint  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -389,7 +389,7 @@ def test_native_save_interrupted_while_replacing_leaves_a_loadable_checkpoint(tm
         calls.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_after_first)
+    monkeypatch.setattr(storage.os, "replace", crash_after_first)  # storage.publish renames
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(new, path)
     monkeypatch.undo()

@@ -122,8 +122,8 @@ def test_backward_stacks_each_expert_gradient_once_with_the_same_numbers(monkeyp
 
 
 def test_compiled_moe_does_not_recompile_for_new_expert_counts():
-    """torch.compile (train.py --compile) traces the layer once: the dispatch loop, whose trip counts are the
-    tokens per expert, stays eager. Compiled, it specialized on the counts and recompiled for every batch."""
+    """torch.compile (train.py --compile) traces the layer once: with keep_dispatch_eager the dispatch loop,
+    whose trip counts are the tokens per expert, stays eager. Compiled through, it recompiled for every batch."""
     import torch._dynamo
 
     m, graphs = make_moe(top_k=1), []
@@ -133,6 +133,7 @@ def test_compiled_moe_does_not_recompile_for_new_expert_counts():
         return gm.forward
 
     torch._dynamo.reset()
+    moe.keep_dispatch_eager(m)
     compiled = torch.compile(m, backend=count_graphs)
     traced = []
     for seed in range(6):  # six batches of 3 tokens: each leaves a different set of experts empty
