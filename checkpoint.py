@@ -239,9 +239,10 @@ def hf_pieces(key: str, vision: bool) -> list[Piece] | None:
             return None
         from vision import vision_key_from_hf
         try:
-            return [("vision." + vision_key_from_hf(key), _same)]
+            ours = vision_key_from_hf(key)
         except KeyError:
-            return []  # unknown: reported as unexpected
+            ours = None
+        return [("vision." + ours, _same)] if ours else []  # [] = unknown: reported as unexpected
     key = key.removeprefix("language_model.")
     m = re.fullmatch(r"model\.layers\.(\d+)\.feed_forward\.experts\.gate_up_proj", key)
     if m:  # (E, D, 2F): gate (w1) first, then up (w3)

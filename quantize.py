@@ -37,6 +37,7 @@ checkpoint: `<module>.qweight` and `<module>.scale`, e.g. `layers.0.feed_forward
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -473,9 +474,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: str | o
     if any(getattr(m, "layout", "plain") != "plain" for m in model.modules()):
         raise ValueError("int4 weights were repacked for the CUDA kernel: quantize and save on the CPU")
     with staged(path, tokenizer) as tmp:
-        checkpoint.write_config(tmp, model.args)
+        cfg = checkpoint.write_config(tmp, model.args)
         meta = {"format": "pt", "quantization": info["mode"], "group_size": str(info["group_size"]),
-                "quantized_modules": ",".join(info["targets"])}
+                "quantized_modules": ",".join(info["targets"]), "llama4_args": json.dumps(cfg)}  # see save_checkpoint
         write_safetensors(tmp / "model.safetensors", model.state_dict(), meta)
 
 

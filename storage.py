@@ -74,11 +74,11 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n} > file size {size})")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.metadata = header.pop("__metadata__", None) or {}
+                end = max((e["data_offsets"][1] for e in header.values()), default=0)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
                 raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
-            self.metadata = header.pop("__metadata__", None) or {}
             self.entries, self.data_start = header, 8 + n
-            end = max((e["data_offsets"][1] for e in header.values()), default=0)
             if self.data_start + end > size:
                 raise CheckpointError(f"{path}: truncated: the header needs {self.data_start + end} bytes, "
                                       f"the file has {size}")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import storage  # noqa: E402
-from checkpoint import CheckpointError, load_args, load_model, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, hf_pieces, load_args, load_model, save_checkpoint  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -206,6 +206,12 @@ def test_unexpected_key(tiny, tmp_path):
     key = "model.layers.0.self_attn.q_norm.weight"
     path = write_hf(tmp_path, tiny[0], extra={key: torch.ones(8)})
     assert_error(path, "unexpected", key)
+
+
+@pytest.mark.parametrize("key", ["multi_modal_projector.linear_2.weight", "vision_model.bogus.weight"])
+def test_unknown_vision_keys_are_unexpected_not_a_crash(key):
+    assert hf_pieces(key, vision=True) == []  # load_model then names the key as unexpected
+    assert hf_pieces(key, vision=False) is None  # text only: vision keys are skipped
 
 
 def test_truncated_safetensors(tiny, tmp_path):

@@ -374,6 +374,9 @@ def test_saved_quantized_checkpoint_reloads_identically(tiny_ckpt, tmp_path):
         assert meta["quantization"] == "int4" and meta["group_size"] == "128"
         assert meta["quantized_modules"] == "experts,shared,attention"
         assert f.get_tensor("layers.1.feed_forward.experts.w2.qweight").dtype == torch.uint8
+    # the weights carry their config (as save_checkpoint's do): a stale llama4.json beside them cannot win
+    (out / "llama4.json").write_text('{"format": "llama4-minimal/1", "n_layers": 7}')
+    assert checkpoint.load_args(out) == TINY
     again = checkpoint.load_model(out, dtype=torch.bfloat16)  # dtype applies to the unquantized tensors only
     s1, s2 = model.state_dict(), again.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)

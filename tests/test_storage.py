@@ -59,7 +59,10 @@ def test_cli_lists_tensors_and_metadata(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     not_st = tmp_path / "notes.txt"
     not_st.write_text("just some text, long enough to have an 8-byte header length")
-    for bad in (tmp_path / "missing.safetensors", not_st):
+    not_entries = tmp_path / "list.safetensors"  # a header that is JSON, but not a dict of tensor entries
+    head = b'[1, 2, 3]'
+    not_entries.write_bytes(len(head).to_bytes(8, "little") + head)
+    for bad in (tmp_path / "missing.safetensors", not_st, not_entries):
         r = run_cli(bad)
         assert r.returncode != 0 and r.stdout == ""
         assert r.stderr.startswith("error:") and bad.name in r.stderr and "Traceback" not in r.stderr
