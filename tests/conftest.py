@@ -32,4 +32,6 @@ def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    # a test that changes the thread count must put it back, or later modules' timings and numerics shift
+    assert torch.get_num_threads() == 1, f"a test left {torch.get_num_threads()} intra-op threads set"
     torch.set_num_threads(n)
