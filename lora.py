@@ -11,8 +11,9 @@ What is particular to doing this on Llama 4:
    attention `wq`, `wk`, `wv`, `wo`; `w1`, `w2`, `w3` of the dense feed-forwards *and* of each MoE layer's
    shared expert. The routed experts are stacked (E, D, F) tensors, not nn.Linear: they are not adapted here
    (an adapter per expert would be E times the parameters, and most experts see few fine-tuning tokens).
-2. The router stays frozen (and so does its load-balancing bias): changing it re-routes tokens to experts
-   that were never trained for them. Vision weights are never touched.
+2. The router stays frozen by default (and its load-balancing bias always does): changing it re-routes tokens
+   to experts that were never trained for them. Name "router" as a target to adapt it anyway. Vision weights
+   are never touched.
 3. The adapted module keeps the name `weight` for the frozen matrix, so the base's parameter names do not
    change and `lora_A` / `lora_B` sit beside it: `layers.0.attention.wq.lora_A`.
 
@@ -139,7 +140,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], quan
     """
     unknown = sorted(set(targets) - set(LINEAR_TARGETS) - {"router"})
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(LINEAR_TARGETS)} "
+        raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(LINEAR_TARGETS)}, router "
                          "(routed experts are stacked tensors and cannot take adapters)")
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
