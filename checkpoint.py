@@ -386,7 +386,11 @@ def safetensors_stream(path: Path, layout: str, vision: bool) -> Iterator:
     return _stream_safetensors(_hf_files(path), lambda k: hf_pieces(k, vision))
 
 
-def _stream_meta(path: Path, args: ModelArgs, vision: bool) -> Iterator:
+def _stream_meta(path: Path, args: ModelArgs, vision: bool, merge: Callable | None = None) -> Iterator:
+    """(key, our name, tensor or Concat, release) for each tensor of Meta's shards. `merge(key, parts)` turns
+    one key's shard parts into [(our name, tensor)] (None: skip; []: unexpected); by default meta_merge
+    joins them whole (parallel.py passes one that keeps only a rank's block)."""
+    merge = merge or (lambda key, parts: meta_merge(key, parts, args, vision))
     files = sorted(path.glob("consolidated.*.pth"))
     shards = [load_pth(f) for f in files]
     keys = list(shards[0])
@@ -397,7 +401,7 @@ def _stream_meta(path: Path, args: ModelArgs, vision: bool) -> Iterator:
     for key in keys:
         parts = [s[key] for s in shards]
         try:
-            merged = meta_merge(key, parts, args, vision)
+            merged = merge(key, parts)
         except RuntimeError as e:
             raise CheckpointError(f"{key}: shards of shape {tuple(parts[0].shape)} do not fit this model "
                                   f"({str(e).splitlines()[0][:160]})") from None

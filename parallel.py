@@ -51,10 +51,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import Concat, _assign, detect_layout, fill, load_args, meta_merge, safetensors_stream
+from checkpoint import Concat, _assign, _stream_meta, detect_layout, fill, load_args, meta_merge, safetensors_stream
 from model import Cache, ModelArgs, Transformer
 from moe import Experts, FeedForward, MoE
-from storage import CheckpointError, SafetensorsFile, load_pth, release
+from storage import CheckpointError, SafetensorsFile
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,29 +296,6 @@ def _meta_local(key: str, parts: list[torch.Tensor], args: ModelArgs, plan: Plan
     return merged and [(ours, plan.narrow(ours, t.join() if isinstance(t, Concat) else t)) for ours, t in merged]
 
 
-def _stream_meta_local(path: Path, args: ModelArgs, plan: Plan, vision: bool):
-    files = sorted(path.glob("consolidated.*.pth"))
-    shards = [load_pth(f) for f in files]  # memory-mapped: nothing is read yet
-    for i, s in enumerate(shards[1:], 1):
-        if set(s) != set(shards[0]):
-            raise CheckpointError(f"{files[i].name} and {files[0].name} hold different tensors, "
-                                  f"e.g. {sorted(set(s) ^ set(shards[0]))[:5]}")
-    for key in shards[0]:
-        parts = [s[key] for s in shards]
-        try:
-            pieces = _meta_local(key, parts, args, plan, vision)
-        except RuntimeError as e:
-            raise CheckpointError(f"{key}: shards of shape {tuple(parts[0].shape)} do not fit this model "
-                                  f"({str(e).splitlines()[0][:160]})") from None
-        if pieces is None:
-            continue
-        if not pieces:
-            yield key, None, None, None
-        for i, (ours, t) in enumerate(pieces):
-            done = (lambda parts=parts: [release(p) for p in parts]) if i == len(pieces) - 1 else None
-            yield key, ours, t, done
-
-
 def load_sharded(path: str | os.PathLike, rank: int, world: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, tp: bool = True, ep: bool = True, vision: bool = False,
                  group=None) -> Transformer:
@@ -340,7 +317,8 @@ def load_sharded(path: str | os.PathLike, rank: int, world: int, device: str | t
     with torch.device("meta"):
         model = parallelize(Transformer(args), plan)
     if layout == "meta":
-        stream = _stream_meta_local(path, args, plan, vision)
+        mine = lambda key, parts: _meta_local(key, parts, args, plan, vision)  # noqa: E731
+        stream = _stream_meta(path, args, vision, merge=mine)
     else:
         stream = ((key, ours, t if ours is None else plan.narrow(ours, t), done)
                   for key, ours, t, done in safetensors_stream(path, layout, vision))
