@@ -331,7 +331,8 @@ def check_lengths(prompts: list[list[int]], max_new_tokens: int, limit: int) -> 
 
 def distributed() -> bool:
     """Started by torchrun with several processes: the model is cut across them (parallel.py)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    import parallel
+    return parallel.torchrun_world() > 1
 
 
 def load(a: argparse.Namespace):

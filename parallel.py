@@ -61,11 +61,16 @@ from storage import CheckpointError, SafetensorsFile
 # Joining the process group
 # --------------------------------------------------------------------------------------------------------
 
+def torchrun_world() -> int:
+    """How many processes torchrun started (it sets WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(backend: str | None = None, init_method: str | None = None) -> tuple[int, int, torch.device]:
     """Join the job torchrun started (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); return
     (rank, world size, this rank's device). One GPU per rank with NCCL when CUDA is there, else CPU with gloo.
     Without torchrun (no WORLD_SIZE) it is a world of one and nothing is initialized."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", 0)), torchrun_world()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -454,16 +454,11 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def torchrun_world() -> int:
-    """How many processes torchrun started (it sets WORLD_SIZE); 1 without torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = make_parser().parse_args(argv)
     if cfg.out is None:
         cfg.out = "out/debug" if cfg.debug else "out/run"
-    if cfg.resume and torchrun_world() > 1:
+    if cfg.resume and parallel.torchrun_world() > 1:
         raise TrainError("--resume needs one process: a run split over ranks does not save its (cut) optimizer state")
     if cfg.resume:
         path = Path(cfg.out) / TRAINER_FILE
@@ -496,7 +491,7 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise TrainError("--lora adapts a trained model: give its checkpoint with --init-from DIR")
     if cfg.quantize and not cfg.lora:
         raise TrainError(f"--quantize {cfg.quantize} is QLoRA: it quantizes the frozen base under --lora RANK adapters")
-    if cfg.lora and torchrun_world() > 1:
+    if cfg.lora and parallel.torchrun_world() > 1:
         raise TrainError("--lora needs one process (torchrun splits the model over ranks; adapters are not split)")
     if cfg.data and cfg.sft:
         raise TrainError("--data (plain text) and --sft (conversations) exclude each other")
@@ -510,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     try:
         cfg = parse_config(argv)
-        if torchrun_world() > 1:  # N processes, one model cut over them (parallel.py): gloo on CPU, NCCL on GPUs
+        if parallel.torchrun_world() > 1:  # N processes, one model cut over them (parallel.py): gloo on CPU, NCCL on GPUs
             _, _, device = parallel.init_distributed()
             cfg.device = str(device)
             if rank > 0:
