@@ -37,9 +37,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from model import ModelArgs, Transformer, decode_layouts, laid_out_for_decode
+from model import ModelArgs, Transformer
 from moe import MoE
-from storage import CheckpointError, SafetensorsFile, load_pth, release, staged
+from storage import CheckpointError, SafetensorsFile, load_pth, release, staged, trim_heap
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -423,19 +423,16 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, path: Path, store=_assign,
-         keep_dtype: tuple[str, ...] = (), where: str = "", zero_copy: bool = False,
-         layouts: dict[str, bool] | None = None) -> None:
+         keep_dtype: tuple[str, ...] = (), where: str = "", zero_copy: bool = False) -> set[str]:
     """Copy every (checkpoint name, our name, tensor, release) of `stream` into the meta-built `model`, strictly:
     each tensor must have a place of the right shape, exactly once, and every place must be filled. Each
     tensor is copied once, to its device and dtype (names ending in keep_dtype keep theirs), then its file
     pages are released. With zero_copy (CPU only), a tensor that is already in its final dtype is stored as
-    the memory-mapped view itself, and its pages stay mapped. `layouts` (model.decode_layouts) lays those
-    weights out for decoding as they arrive (model.laid_out_for_decode: a copy only where the layout differs)."""
+    the memory-mapped view itself, and its pages stay mapped. Returns the names of those views."""
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
     zero_copy = zero_copy and torch.device(device).type == "cpu"
-    layouts = layouts or {}
-    loaded, unexpected, viewed = set(), [], set()
+    loaded, unexpected, viewed, views = set(), [], set(), set()
     for key, ours, t, done in stream:
         if ours is None or ours not in expected:
             unexpected.append(key)
@@ -450,10 +447,9 @@ def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, 
         else:
             dest = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
             value = t.copy_into(dest) if isinstance(t, Concat) else dest.copy_(t)  # the one copy
-        if ours in layouts:
-            value = laid_out_for_decode(value, layouts[ours])  # a copy if its layout had to change
         if isinstance(t, torch.Tensor) and value.data_ptr() == t.data_ptr():
             viewed.add(key)
+            views.add(ours)
         store(model, ours, value)
         loaded.add(ours)
         if done is not None and key not in viewed:  # (pages that a model tensor views stay mapped)
@@ -470,6 +466,7 @@ def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, 
     for m in model.modules():  # the MoE load counters: training bookkeeping, not in any checkpoint
         if isinstance(m, MoE):
             m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+    return views
 
 
 def _native_quantization(path: Path) -> dict | None:
@@ -492,8 +489,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     (copy-on-write; see the module docstring); False copies every tensor into memory of its own. (A Hugging
     Face checkpoint's expert w1 / w3 are then strided halves of its fused gate_up_proj: their products round
     differently, ~1e-7 relative, from those of contiguous copies.)
-    for_decode: lay the text weights out as model.prepare_for_decode does (for decoding on the CPU), each
-    as it is read: the ones whose layout changes are copied once, their file pages released.
+    for_decode: for inference on the CPU, fuse and pack the text weights (cpu_decode.prepare_for_decode),
+    releasing the file pages of each weight packed: peak memory stays at about the checkpoint's size.
     """
     path = Path(path)
     if not path.exists():
@@ -517,12 +514,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     stream = _stream_meta(path, args, vision) if layout == "meta" else safetensors_stream(path, layout, vision)
 
     # Quantizing on the fly reads each expert once and keeps only its quantized form: those pages are released.
-    fill(model, stream, device, dtype, path, store, keep_dtype=(".qweight", ".scale") if stored else (),
-         where=f"config says dim {args.dim}, {args.n_experts} experts", zero_copy=zero_copy and not quantize,
-         layouts=decode_layouts(model) if for_decode else None)
+    views = fill(model, stream, device, dtype, path, store, keep_dtype=(".qweight", ".scale") if stored else (),
+                 where=f"config says dim {args.dim}, {args.n_experts} experts", zero_copy=zero_copy and not quantize)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a model tensor that no checkpoint fills: a bug in this file, not in the checkpoint
         raise CheckpointError(f"internal: tensors left without values after loading: {left[:5]}")
+    if for_decode:
+        from cpu_decode import prepare_for_decode
+        mapped = {t.data_ptr() for n, t in model.named_parameters() if n in views}
+
+        def done(w: torch.Tensor) -> None:  # a weight packed: its file pages and its temporaries go back
+            if w.data_ptr() in mapped:
+                release(w)
+            trim_heap()
+
+        prepare_for_decode(model, done=done)
     return model.eval()
 
 

@@ -123,7 +123,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B = len(prompt_tokens)
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     if cache is None:
         cache = model.make_cache(B, max(len(p) for p in prompt_tokens) + max_new_tokens)
     stop = set(int(s) for s in stop_ids)
@@ -350,8 +350,7 @@ def load(a: argparse.Namespace):
     try:
         if distributed():
             return parallel.load_model_for_rank(a.ckpt, dtype=dtype, vision=bool(a.image))
-        # On the CPU, fp32 weights are laid out as its matrix-vector kernels read them fastest (fp32 decoding
-        # 1.2-1.3x faster at batch 1: model.prepare_for_decode, bench/decode.py)
+        # On the CPU the weight products are fused and packed for oneDNN (cpu_decode.py; bench/decode.py)
         return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize,
                                      vision=bool(a.image), for_decode=torch.device(a.device).type == "cpu")
     except (checkpoint.CheckpointError, FileNotFoundError, NotImplementedError) as e:

@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moe import Experts, FeedForward, MoE
+from moe import FeedForward, MoE
 from rope import apply_rope, nope_layers, rope_angles, rope_frequencies
 
 # Decoding on CUDA keeps PyTorch away from cuDNN's attention kernel: cuDNN builds an execution plan for every
@@ -215,15 +215,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv as one product (cpu_decode.prepare_for_decode)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cis: torch.Tensor, cache: KVCache | None,
                 plain_causal: bool, masks: dict) -> torch.Tensor:
         """masks: shared by all layers of one forward, one mask per chunk size (None = NoPE), built by the first
         layer that needs it -- every layer of a kind holds keys at the same positions, so the masks agree."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)     # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         if self.use_rope:
             q, k = apply_rope(q, cis), apply_rope(k, cis)
         if self.use_qk_norm:  # weightless RMSNorm per head, after the rotation
@@ -286,7 +292,7 @@ class Transformer(nn.Module):
             self.vision = VisionModel(args.vision)
 
     def make_cache(self, batch: int, max_len: int) -> Cache:
-        p = self.output.weight
+        p = self.tok_embeddings.weight  # (the output head may be packed for the CPU: cpu_decode.py)
         return Cache(self.args, batch, max_len, p.dtype, p.device)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -355,59 +361,6 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
     if model.vision is not None and hasattr(model.vision, "init_weights"):
         model.vision.init_weights()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Weight layout for decoding on the CPU
-# --------------------------------------------------------------------------------------------------------
-
-def column_major_pays(out_features: int, in_features: int) -> bool:
-    """Whether x @ W.T at batch 1 in fp32 is faster on the CPU with W (out, in) stored column-major, i.e. as
-    a contiguous (in, out) matrix. Measured with bench/layout.py (MKL's matrix-vector kernels, 2 cores, five
-    runs on a shared machine): the kernel for row-major weights reads 6-14 GB/s at these shapes; the one for
-    column-major weights is faster the longer its columns (the more outputs): 1.2-1.6x for 1024 x 512,
-    1.2-3.2x for the 32000 x 512 output head, but slower when there are fewer outputs than inputs (0.4-0.8x
-    for 512 x 1024); square 512 x 512 comes out about even."""
-    return out_features > in_features
-
-
-def decode_layouts(model: Transformer) -> dict[str, bool]:
-    """The text weights prepare_for_decode lays out: name -> whether it is stored column-major (the experts'
-    (E, in, out) stacks, used as x @ w[e]) or row-major (nn.Linear's (out, in), used as x @ W.T)."""
-    names = {}
-    for prefix, module in [*model.layers.named_modules(prefix="layers"), ("output", model.output)]:
-        if isinstance(module, nn.Linear):
-            names[prefix + ".weight"] = False
-        elif isinstance(module, Experts):
-            names.update({f"{prefix}.{w}": True for w in ("w1", "w3", "w2")})
-    return names
-
-
-def laid_out_for_decode(w: torch.Tensor, stored_column_major: bool) -> torch.Tensor:
-    """An fp32 weight as stored, (out, in) or (E, in, out), dense and in the layout its CPU matrix-vector
-    product reads fastest: column-major where column_major_pays says so, else row-major. The same tensor when
-    it is laid out so already, else a copy. Other dtypes are returned as they are: bf16 products are
-    compute-bound on this CPU, as fast in either layout (bench/layout.py)."""
-    if w.dtype != torch.float32:
-        return w
-    m = w.transpose(-1, -2) if stored_column_major else w  # (..., out, in)
-    m = m.transpose(-1, -2).contiguous().transpose(-1, -2) if column_major_pays(*m.shape[-2:]) else m.contiguous()
-    return m.transpose(-1, -2) if stored_column_major else m
-
-
-@torch.no_grad()
-def prepare_for_decode(model: Transformer) -> Transformer:
-    """Lay out each text weight for decoding on the CPU (laid_out_for_decode); returns the model.
-
-    Names, shapes and values stay the same (state_dict, saving and loading see no difference); only the
-    memory order changes, and with it the rounding of the products (their terms are summed in another
-    order: ~1e-7 relative in fp32). `checkpoint.load_model(..., for_decode=True)` lays the weights out while
-    loading instead, copying each at most once.
-    """
-    for name, stored_column_major in decode_layouts(model).items():
-        p = model.get_parameter(name)
-        p.data = laid_out_for_decode(p.data, stored_column_major)
-    return model
 
 
 def param_counts(model: Transformer) -> dict[str, int]:

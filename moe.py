@@ -38,9 +38,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w13: nn.Module | None = None  # w1 and w3 as one product (cpu_decode.prepare_for_decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
@@ -52,6 +56,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.parts: list[tuple[torch.Tensor, ...]] | None = None  # each expert's (w1, w3, w2), see taken_apart
+        self.fused: nn.ModuleList | None = None  # each expert's (w1|w3, w2): cpu_decode.py
 
     @contextlib.contextmanager
     def taken_apart(self):
@@ -68,6 +73,10 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x (n, D) -> (n, D). Its weights are views of the stacks: no copy."""
+        if self.fused is not None:  # prepared for CPU decoding: gate and up from one product
+            w13, w2 = self.fused[e]
+            gate, up = w13(x).chunk(2, dim=-1)
+            return w2(F.silu(gate) * up)
         w1, w3, w2 = self.parts[e] if self.parts is not None else (self.w1[e], self.w3[e], self.w2[e])
         return (F.silu(x @ w1) * (x @ w3)) @ w2
 
@@ -116,7 +125,8 @@ class MoE(nn.Module):
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         outs, start = [], 0
         # Training: take the stacks apart once (see Experts.taken_apart). Without autograd nothing is gained.
-        grads = torch.is_grad_enabled() and isinstance(self.experts, Experts) and self.experts.w1.requires_grad
+        grads = (torch.is_grad_enabled() and isinstance(self.experts, Experts) and self.experts.fused is None
+                 and self.experts.w1.requires_grad)
         with self.experts.taken_apart() if grads else contextlib.nullcontext():
             for e, n in enumerate(counts):
                 if n:

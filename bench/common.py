@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# OpenMP worker threads that spin while waiting for work steal the CPU from the thread that has work when
-# other processes share the cores: on a busy 2-core machine a spinning default made every small parallel
-# op wait for a scheduler slice (~20 ms). Sleeping waiters (PASSIVE) fix that for both implementations
-# alike. Must be set before torch loads OpenMP; export OMP_WAIT_POLICY=ACTIVE to measure the other way.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left as the user has it (libgomp's default: a waiting worker spins a while, then
+# sleeps), because that is what `python generate.py` runs with. It matters: with OMP_WAIT_POLICY=PASSIVE
+# (sleep at once) each oneDNN product pays a thread wake-up, ~100 us on this 2-core machine, as much as
+# reading a 4 MB weight, so bf16 decoding ran 25-45% slower (bench/README.md). On a machine busy with other
+# jobs, spinning workers can make small parallel ops wait for a scheduler slice instead: export
+# OMP_WAIT_POLICY=PASSIVE there. Every table's title says which policy it ran under.
 
 import torch  # noqa: E402
 
@@ -212,7 +213,7 @@ def machine() -> str:
     import transformers
 
     return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads "
-            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}")
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset: libgomp default')}), transformers {transformers.__version__}")
 
 
 # --------------------------------------------------------------------------------------------------------

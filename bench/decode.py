@@ -13,8 +13,9 @@ and the bandwidth is measured here, interleaved with the decoding runs (the larg
 matrix-vector product, median of the samples).
 transformers runs every expert on every token, so it reads all of them. A last column runs only our step's
 weight matrix products, back to back: the ceiling that PyTorch's kernels set for any code around them.
-Ours runs twice: as `checkpoint.load_model` returns it, and after `model.prepare_for_decode` (each weight in
-the memory layout that the CPU's matrix-vector kernels read fastest; what generate.py does on the CPU).
+Ours runs twice: as `checkpoint.load_model` returns it, and after `cpu_decode.prepare_for_decode` (the products
+that share an input fused into one, each weight packed once into oneDNN's layout; what generate.py runs on
+the CPU).
 
     python bench/decode.py                  # fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes fp32 --batches 1 --repeats 3
@@ -24,9 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 
-import common  # first: sets up the path and OpenMP before torch loads
+import common  # first: puts the project on the path
 import torch
-import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -66,41 +66,55 @@ def decode_ours(model, cache, token, steps: int, experts_used: list | None = Non
     return torch.stack(out, 1)
 
 
+def swiglu_products(ff, D: int) -> list:
+    """(input width, product) of a dense SwiGLU or shared expert: w1, w3, w2, or w1|w3 fused and w2."""
+    if ff.w13 is not None:
+        return [(D, ff.w13), (ff.w2.in_features, ff.w2)]
+    return [(D, ff.w1), (D, ff.w3), (ff.w2.in_features, ff.w2)]
+
+
+def expert_products(experts, e: int, D: int) -> list:
+    if experts.fused is not None:  # cpu_decode: (w1|w3, w2)
+        w13, w2 = experts.fused[e]
+        return [(D, w13), (w2.in_features, w2)]
+    w1, w3, w2 = experts.w1[e], experts.w3[e], experts.w2[e]
+    return [(D, lambda x, w=w1: x @ w), (D, lambda x, w=w3: x @ w), (w2.shape[0], lambda x, w=w2: x @ w)]
+
+
 @torch.no_grad()
 def matmuls_alone(model, batch: int, distinct: list[float], steps: int):
     """A callable that runs, `steps` times, only the weight matrix products of one decoding step of our
-    `model` -- the same weights, shapes and layouts (nn.Linear (out, in) weights via F.linear, experts
-    (in, out) via x @ w), round(distinct) experts per MoE layer sharing the batch's rows -- and nothing else:
-    no attention, norms, routing or Python modules. What PyTorch's own kernels reach on these weights."""
-    dtype = model.output.weight.dtype
+    `model` -- the same weights, shapes, layouts and kernels (plain or prepared by cpu_decode), round(distinct)
+    experts per MoE layer sharing the batch's rows -- and nothing else: no attention, norms, routing or
+    Python modules around them. What PyTorch's own kernels reach on these weights."""
+    dtype = model.tok_embeddings.weight.dtype
     D = model.args.dim
     calls = []
     experts_used = iter(distinct)
     for layer in model.layers:
         a, ff = layer.attention, layer.feed_forward
-        calls += [(lin.weight.shape[1], lin.weight, True) for lin in (a.wq, a.wk, a.wv, a.wo)]
+        calls += [(D, a.wqkv)] if a.wqkv is not None else [(D, a.wq), (D, a.wk), (D, a.wv)]
+        calls.append((a.wo.in_features, a.wo))
         if hasattr(ff, "experts"):
-            calls += [(D, ff.router.weight, True)]
-            ff_lins = (ff.shared_expert.w1, ff.shared_expert.w3, ff.shared_expert.w2)
+            calls += [(D, ff.router)] + swiglu_products(ff.shared_expert, D)
             used = max(1, round(next(experts_used)))
-            for e in range(used):
-                calls += [(D, ff.experts.w1[e], False), (D, ff.experts.w3[e], False), (ff.experts.w2.shape[1], ff.experts.w2[e], False)]
+            rows = max(1, -(-batch // used))  # the batch's rows shared among the experts used
+            calls += [(width, p, rows) for e in range(used) for width, p in expert_products(ff.experts, e, D)]
         else:
-            ff_lins = (ff.w1, ff.w3, ff.w2)
-        calls += [(lin.weight.shape[1], lin.weight, True) for lin in ff_lins]
-    calls.append((D, model.output.weight, True))
+            calls += swiglu_products(ff, D)
+    calls.append((D, model.output))
+    calls = [c if len(c) == 3 else (*c, batch) for c in calls]
     xs = {width: torch.randn(batch, width, dtype=dtype) for width, _, _ in calls}
-    rows = {w: max(1, -(-batch // max(1, round(sum(distinct) / len(distinct))))) for w in xs}
 
     def go():
         for _ in range(steps):
-            for width, w, linear in calls:
-                F.linear(xs[width], w) if linear else xs[width][:rows[width]] @ w
+            for width, product, rows in calls:
+                product(xs[width][:rows])
     return go
 
 
 def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
-    from model import prepare_for_decode
+    from cpu_decode import prepare_for_decode
 
     dtype = common.DTYPES[dtype_name]
     hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import common  # first: sets up OpenMP before torch loads, and puts the project's moe.py ahead of this file
+import common  # first: puts the project's moe.py ahead of this file on the path
 import torch
 from moe import MoE
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import common  # first: sets up the path and OpenMP before torch loads
+import common  # first: puts the project on the path
 import torch
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import common  # first: sets up the path and OpenMP before torch loads
+import common  # first: puts the project on the path
 import torch
 import torch.nn.functional as F
 

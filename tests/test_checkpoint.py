@@ -518,26 +518,23 @@ def test_saving_over_the_file_a_model_views_leaves_that_model_unchanged(tmp_path
 
 
 @linux_only
-def test_for_decode_lays_out_while_loading_like_prepare_for_decode(tiny, tmp_path):
-    """for_decode gives prepare_for_decode's layouts (and values); weights whose layout stays are still views
-    of the file, the others copies."""
-    from model import decode_layouts, prepare_for_decode
+def test_for_decode_loads_a_model_prepared_for_the_cpu(tiny, tmp_path):
+    """for_decode: the loaded model, fused and packed (cpu_decode.prepare_for_decode): the same logits within
+    fp32 rounding; what stays a parameter (a view of the file) is the embedding table and the norms."""
+    from cpu_decode import packed_weights
 
     model, want = tiny
     write_hf(tmp_path, model)
     file = tmp_path / "model.safetensors"
     loaded = load_model(tmp_path, for_decode=True)
-    reference = prepare_for_decode(load_model(tmp_path, zero_copy=False))
-    as_stored = load_model(tmp_path)  # zero copy: the file's own layouts
+    assert loaded.prepared_for_decode and loaded.layers[0].attention.wq is None
+    # 4 layers x (wqkv, wo); 2 dense layers x (w13, w2); 2 MoE layers x (shared w13, w2, router, 4 experts x
+    # (w13, w2)); the output head: 8 + 4 + 22 + 1
+    assert len(packed_weights(loaded)) == 35
     maps = mapped_files()
-    layouts = decode_layouts(loaded)
-    assert "output.weight" in layouts and "layers.1.feed_forward.experts.w1" in layouts
-    for name, p in loaded.named_parameters():
-        r = reference.get_parameter(name)
-        assert p.stride() == r.stride() and torch.equal(p, r), name
-        assert views_file(p, file, maps) == (p.stride() == as_stored.get_parameter(name).stride()), name
-    assert not views_file(loaded.output.weight, file, maps)  # 64 x 32 fp32: column-major now
-    assert views_file(loaded.layers[0].attention.wk.weight, file, maps)  # 16 x 32: stays row-major
+    left = [n for n, p in loaded.named_parameters()]
+    assert all(n == "tok_embeddings.weight" or n.endswith("norm.weight") for n in left) and len(left) == 1 + 2 * 4 + 1
+    assert all(views_file(p, file, maps) for p in loaded.parameters())
     torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=1e-5)
 
 
@@ -604,9 +601,11 @@ try:  # reset the high-water mark to the current RSS (Linux), so imports do not 
 except OSError:
     reset = False
 model = load_model(sys.argv[2], zero_copy=sys.argv[3] != "copy", for_decode=sys.argv[3] == "for_decode")
-n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+from cpu_decode import packed_weights
+plain = [*model.parameters(), *model.buffers()]  # (a model prepared for decoding refuses state_dict)
+n = sum(t.numel() * t.element_size() for t in plain + packed_weights(model))
 with torch.no_grad():  # read every weight once: a zero-copy load maps the pages in only now
-    sum(float(t.float().sum()) for t in model.state_dict().values())
+    sum(float(t.float().sum()) for t in plain)
 print(json.dumps(dict(before=before, hwm=hwm() if reset else None, reset=reset,
                       ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, model_bytes=n)))
 """

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import (FLAVORS, ModelArgs, RMSNorm, Transformer, attention_mask, param_counts,  # noqa: E402
-                   prepare_for_decode, temperature)
+                   temperature)
 from moe import FeedForward, MoE  # noqa: E402
 
 
@@ -483,50 +483,3 @@ def test_embedding_init_is_nn_embeddings_and_meta_build_skips_dynamo():
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
-
-
-# ------------------------------------------------------------------------------------------------------
-# prepare_for_decode: another memory order, the same model
-# ------------------------------------------------------------------------------------------------------
-
-def is_column_major(w):  # (..., out, in) stored as a contiguous (..., in, out)
-    return w.transpose(-1, -2).is_contiguous()
-
-
-def test_prepare_for_decode_changes_only_the_memory_order(small, tmp_path):
-    """SMALL has matrices with more outputs than inputs (output head 101 x 64, experts' w2 64 x 32) and fewer
-    (wk 32 x 64, experts' w1/w3 32 x 64): column-major exactly for the first kind (fp32), same values."""
-    from checkpoint import load_model, save_checkpoint
-
-    model, tokens, full = small
-    prepared = prepare_for_decode(small_model())
-    before, after = model.state_dict(), prepared.state_dict()
-    assert list(before) == list(after)
-    for name in before:
-        assert after[name].shape == before[name].shape and torch.equal(after[name], before[name]), name
-    out = prepared.output.weight
-    assert is_column_major(out) and not out.is_contiguous()
-    assert prepared.layers[0].attention.wk.weight.is_contiguous()
-    experts = prepared.layers[1].feed_forward.experts  # x @ w[e]: w1 (E, 64 in, 32 out), w2 (E, 32 in, 64 out)
-    assert experts.w2.is_contiguous()  # (in, out) as stored: column-major already
-    assert experts.w1.transpose(1, 2).is_contiguous() and not experts.w1.is_contiguous()  # now (out, in) rows
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(tokens), full, atol=1e-5, rtol=1e-5)
-        cache = prepared.make_cache(1, 64)
-        prepared(tokens[:, :30], cache=cache)
-        steps = torch.cat([prepared(tokens[:, t:t + 1], cache=cache) for t in range(30, T_LONG)], 1)
-    torch.testing.assert_close(steps, full[:, 30:], atol=1e-5, rtol=1e-5)
-    ptrs = [p.data_ptr() for p in prepared.parameters()]
-    prepare_for_decode(prepared)  # laid out already: nothing is copied
-    assert ptrs == [p.data_ptr() for p in prepared.parameters()]
-    save_checkpoint(prepared, tmp_path)  # saved as ordinary contiguous tensors
-    for name, t in load_model(tmp_path, zero_copy=False).state_dict().items():
-        assert t.is_contiguous() and torch.equal(t, before[name]), name
-
-
-def test_prepare_for_decode_keeps_bf16_layouts():
-    """bf16 products are no faster column-major on the CPU: bf16 weights keep the stored layout."""
-    model = small_model().to(torch.bfloat16)
-    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
-    prepare_for_decode(model)
-    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs

@@ -217,8 +217,11 @@ def test_qlora_int4_learns_merges_and_resumes(debug_ckpt, tmp_path, tok):
     # (the format in quantize.py's docstring), and not zero.
     base = checkpoint.load_model(debug_ckpt)
     adapters = load_file(out / lora.ADAPTERS_FILE)
-    merged = generate.load(generate.parse_args(["--ckpt", str(out), "--prompt", "x", "--device", "cpu"]))
+    merged = checkpoint.load_model(out)
     assert isinstance(merged.layers[1].feed_forward.experts, quantize.QuantizedExperts)  # experts stay int4
+    # generate.py's loader (fused and packed for the CPU, experts still int4) computes the same
+    for_cpu = generate.load(generate.parse_args(["--ckpt", str(out), "--prompt", "x", "--device", "cpu"]))
+    assert isinstance(for_cpu.layers[1].feed_forward.experts, quantize.QuantizedExperts)
     w = base.layers[0].attention.wq.weight.detach()  # (512, 256)
     update = (16.0 / 4) * adapters["layers.0.attention.wq.lora_B"] @ adapters["layers.0.attention.wq.lora_A"]
     rounding = (merged.layers[0].attention.wq.weight - update - w).view(w.shape[0], -1, 128)
@@ -232,6 +235,7 @@ def test_qlora_int4_learns_merges_and_resumes(debug_ckpt, tmp_path, tok):
     x = torch.tensor([tok.encode("What is 3 plus 3?", bos=True)])
     with torch.no_grad():
         assert (adapted(x) - merged(x)).abs().max() < 1e-4
+        assert (for_cpu(x) - merged(x)).abs().max() < 1e-4
 
     # Resuming re-quantizes the base from --init-from and loads the adapters: the same losses, step for step.
     run(flags + ["--out", tmp_path / "b", "--stop-after", 3])

@@ -1,0 +1,137 @@
+"""cpu_decode.py: fused, oneDNN-packed weight products compute what the plain model computes.
+
+The plain model is the reference here; it is itself checked against transformers and Meta's code (test_parity_*)
+and a brute-force attention (test_model.py). Every test runs twice: with the weights packed for oneDNN, and with
+packing switched off (the fallback for CPUs and dtypes oneDNN cannot take: fused plain tensors and F.linear).
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cpu_decode  # noqa: E402
+from cpu_decode import PackedLinear, packed_weights, prepare_for_decode  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from moe import MoE  # noqa: E402
+
+# Dense and MoE layers (4 experts, top-1), chunked attention (chunks of 8) with a NoPE layer (3) and its
+# temperature tuning, QK-norm: every kind of product and every attention path a decode step takes.
+ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=101, n_experts=4, top_k=1,
+                 moe_hidden_dim=32, ffn_hidden_dim=48, interleave_moe_layer_step=2, use_qk_norm=True,
+                 rope_theta=10000.0, rope_scaling=None, attention_chunk_size=8, attn_temperature_tuning=True,
+                 floor_scale=16.0, attn_scale=0.5, max_seq_len=256)
+T = 40  # 5 chunks; NoPE temperature steps at positions 15 and 31
+
+
+@pytest.fixture(params=["packed", "plain"])
+def packing(request, monkeypatch):
+    if request.param == "packed" and not cpu_decode.packs(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN")
+    if request.param == "plain":
+        monkeypatch.setattr(cpu_decode, "packs", lambda dtype: False)
+    return request.param
+
+
+def random_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ARGS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_the_product_in_float64(packing, dtype):
+    if packing == "packed" and not cpu_decode.packs(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
+    torch.manual_seed(0)
+    w = torch.randn(48, 64).to(dtype)
+    layer = PackedLinear(w)
+    assert layer.packed == (packing == "packed")
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # float32 rounding; bf16's 8 bits of mantissa
+    for shape in [(1, 64), (3, 5, 64)]:  # one decoded token; a batch of prompts
+        x = torch.randn(shape).to(dtype)
+        want = x.double() @ w.double().T
+        got = layer(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol
+    if dtype == torch.float32:  # and as F.linear does, to its own rounding
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_model_decodes_as_the_plain_one(packing):
+    """Prefill 30 tokens, then decode 10 one at a time from the cache (crossing chunk boundaries and the
+    NoPE temperature step at 31): logits equal to the plain model's full forward within float32 rounding."""
+    plain = random_model()
+    tokens = torch.randint(0, ARGS.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = plain(tokens)
+        model = prepare_for_decode(random_model())
+        assert model.prepared_for_decode
+        cache = model.make_cache(2, T)
+        got = [model(tokens[:, :30], cache=cache)]
+        got += [model(tokens[:, t:t + 1], cache=cache) for t in range(30, T)]
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=2e-5, rtol=2e-5)
+    # what it replaced: three projections by one, the SwiGLUs' gate and up by one, the experts by products
+    a, moe = model.layers[0].attention, model.layers[1].feed_forward
+    assert a.wq is None and a.wqkv.out_features == (4 + 2 + 2) * 16
+    assert moe.shared_expert.w1 is None and moe.shared_expert.w13.out_features == 2 * 32
+    assert moe.experts.w1 is None and len(moe.experts.fused) == 4
+    assert [m.out_features for m in moe.experts.fused[2]] == [2 * 32, 64]
+    assert all(p.ndim == 1 or n == "tok_embeddings.weight" for n, p in model.named_parameters())
+
+
+def test_generate_gives_the_same_tokens_prepared(packing):
+    """Left-padded batch, greedy: generate.py's loop gives the plain model's tokens."""
+    from generate import generate
+
+    prompts = [[5, 9, 2, 44, 17, 3, 8, 21, 60, 33, 12], [7, 7, 80]]
+    with torch.no_grad():
+        want = generate(random_model(), prompts, 20, temperature=0)
+        got = generate(prepare_for_decode(random_model()), prompts, 20, temperature=0)
+    assert got == want
+
+
+def test_bf16_prepared_model_stays_within_bf16_rounding(packing):
+    plain = random_model(torch.bfloat16)
+    prepared = prepare_for_decode(random_model(torch.bfloat16))
+    tokens = torch.randint(0, ARGS.vocab_size, (1, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = random_model().to(torch.float32)(tokens)  # the float32 model: how far bf16 is from exact
+        a, b = plain(tokens).float(), prepared(tokens).float()
+    scale = want.abs().max()
+    plain_err, prepared_err = (a - want).abs().max() / scale, (b - want).abs().max() / scale
+    assert prepared_err < 2 * plain_err + 1e-3, (plain_err, prepared_err)  # no worse than bf16 already is
+
+
+def test_prepared_model_is_for_inference_only_and_preparing_twice_changes_nothing(packing):
+    model = prepare_for_decode(random_model())
+    with pytest.raises(RuntimeError, match="prepare_for_decode"):
+        model.state_dict()
+    n = len(packed_weights(model))
+    # 4 layers x (wqkv, wo); 2 dense x (w13, w2); 2 MoE x (shared w13, w2, router, 4 experts x 2); the head
+    assert n == 8 + 4 + 2 * (3 + 8) + 1
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(tokens)
+        prepare_for_decode(model)
+        assert len(packed_weights(model)) == n and torch.equal(model(tokens), before)
+
+
+def test_quantized_experts_are_left_quantized(packing):
+    """An int4 model: the experts stay quantized (their own kernels), the rest is fused and packed."""
+    from quantize import QuantizedExperts, quantize_model
+
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = quantize_model(random_model(), "int4")(tokens)
+        model = prepare_for_decode(quantize_model(random_model(), "int4"))
+        got = model(tokens)
+    moe = model.layers[1].feed_forward
+    assert isinstance(moe, MoE) and isinstance(moe.experts, QuantizedExperts)
+    assert model.layers[1].attention.wqkv is not None and moe.shared_expert.w13 is not None
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
