@@ -141,7 +141,7 @@ class KVCache:
             raise ValueError(f"KV cache is full: {self.seen} + {T} tokens > {self.size} slots "
                              "(make the cache with a larger max_len)")
         slots = (self.seen + torch.arange(T, device=k.device)) % self.size
-        self.k[:, slots], self.v[:, slots], self.pos[:, slots] = k, v, pos
+        self.k[:, slots], self.v[:, slots], self.pos[:, slots] = k.to(self.k.dtype), v.to(self.v.dtype), pos
         self.seen += T
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
@@ -292,8 +292,11 @@ class Transformer(nn.Module):
             self.vision = VisionModel(args.vision)
 
     def make_cache(self, batch: int, max_len: int) -> Cache:
+        """A KV cache in the model's dtype; in fp32 on the CPU, where attention runs in fp32 (Attention): there
+        a bf16 cache, converted whole at every decode step, cost ~10% of the step (bench/decode.py)."""
         p = self.tok_embeddings.weight  # (the output head may be packed for the CPU: cpu_decode.py)
-        return Cache(self.args, batch, max_len, p.dtype, p.device)
+        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        return Cache(self.args, batch, max_len, dtype, p.device)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tiles (N, 3, 336, 336) -> features (N * 144, dim), in the order their <|patch|> tokens come."""

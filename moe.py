@@ -120,6 +120,8 @@ class MoE(nn.Module):
         outputs are summed.
         """
         N, k = ids.shape
+        if N * k == 1:  # one token, one expert (decoding a single sequence): nothing to group
+            return self.experts.expert(int(ids), x * gates)
         order = torch.argsort(ids.flatten(), stable=True)  # (N*k,) pairs grouped by expert
         routed_in = x[order // k] * gates.flatten()[order, None]  # (N*k, D): the gate scales the input
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
