@@ -8,7 +8,7 @@ bench/layout.py and bench/decode.py on 2 cores; figures in bench/README.md):
 1. The number of products. Each call costs tens of microseconds besides reading its weight, which is as
    long as reading a 512 x 512 matrix. So the products that share an input run as one: wq, wk, wv as one
    `wqkv`; a SwiGLU's w1 (gate) and w3 (up) as one `w13`, for dense layers, the shared expert and each
-   routed expert. A step of the benchmark model goes from 89 products to 49.
+   routed expert. A step of the benchmark model goes from 89 products to 57.
 2. The weight's memory layout. oneDNN (PyTorch's CPU kernel library) computes x @ W.T from its own blocked
    layout of W; handed a plain (out, in) matrix, it reorders W at every call, or falls back to a slower
    kernel. Packing each W once (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU
@@ -81,7 +81,8 @@ def prepare_for_decode(model: nn.Module, done: Callable[[torch.Tensor], None] | 
 
     Attention: wq, wk, wv -> one `wqkv`; wo packed. SwiGLUs (dense layers, the shared expert): w1, w3 ->
     one `w13`; w2 packed. Routed experts: per expert, its slices of the w1 and w3 stacks -> one (2F, D)
-    product, w2 packed; the router and the output head packed. Quantized or LoRA modules are left alone.
+    product, w2 packed; the output head packed. The router stays as it is: its 16-128 rows are read faster
+    plain (bench/layout.py). Quantized or LoRA modules are left alone.
     The products' terms are summed in another order than before (~1e-6 relative in fp32).
     done(w) is called with each plain weight once it is packed and dropped from the model (checkpoint.py
     releases the file pages behind it).
@@ -106,8 +107,6 @@ def prepare_for_decode(model: nn.Module, done: Callable[[torch.Tensor], None] | 
             if isinstance(swiglu, FeedForward) and _linears(swiglu.w1, swiglu.w3, swiglu.w2):
                 swiglu.w13, swiglu.w2 = packed(swiglu.w1.weight, swiglu.w3.weight), packed(swiglu.w2.weight)
                 swiglu.w1 = swiglu.w3 = None
-        if isinstance(ff, MoE) and _linears(ff.router):
-            ff.router = packed(ff.router.weight)
         if isinstance(ff, MoE) and type(ff.experts) is Experts and ff.experts.fused is None:
             ex = ff.experts  # stacks used as x @ w: w1, w3 (E, D, F), w2 (E, F, D)
             ex.fused = nn.ModuleList(nn.ModuleList([PackedLinear(torch.cat([w1.T, w3.T])), PackedLinear(w2.T)])

@@ -3,7 +3,8 @@
 Both implementations load the same checkpoint (bench/common.py) and do what generation does with a prompt:
 one forward over it that fills a fresh KV cache and returns the next token's logits (ours:
 `generate.prefill`; transformers: a forward with a new `DynamicCache` and `logits_to_keep=1`, as its
-`generate` does). Runs alternate between the two; the table shows medians.
+`generate` does). Ours runs twice: as `checkpoint.load_model` returns it, and as generate.py loads it on the
+CPU (`for_decode=True`: weights fused and packed by cpu_decode.py). Runs alternate; the table shows medians.
 
     python bench/prefill.py
     python bench/prefill.py --lengths 512 --dtypes fp32 --repeats 3
@@ -46,17 +47,24 @@ def main() -> None:
         for dtype_name in a.dtypes:
             dtype = common.DTYPES[dtype_name]
             hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
+            import checkpoint
+            prepared = checkpoint.load_model(path, dtype=dtype, for_decode=True)
             for i, T in enumerate(a.lengths):
                 prompt = torch.randint(0, hf.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
-                diff = (prefill_ours(ours, prompt).float() - prefill_theirs(hf, prompt).float()).abs().max().item()
+                want = prefill_theirs(hf, prompt).float()
+                diff = {name: (prefill_ours(m, prompt).float() - want).abs().max().item()
+                        for name, m in (("ours", ours), ("for_decode", prepared))}
                 times = common.interleaved({"transformers": lambda hf=hf, p=prompt: prefill_theirs(hf, p),
-                                            "ours": lambda ours=ours, p=prompt: prefill_ours(ours, p)},
-                                           a.repeats, warmup=0)  # the agreement check above warmed both up
+                                            "ours": lambda ours=ours, p=prompt: prefill_ours(ours, p),
+                                            "for_decode": lambda m=prepared, p=prompt: prefill_ours(m, p)},
+                                           a.repeats, warmup=0)  # the agreement check above warmed all up
                 tps = {k: T / common.median(v) for k, v in times.items()}
-                for name in ("transformers", "ours"):
-                    rows.append([dtype_name, T, name, tps[name], f"{tps[name] / tps['transformers']:.2f}x"])
-                print(f"  {dtype_name} {T} tokens: max |logits ours - transformers| = {diff:.2e}", flush=True)
-            del hf, ours
+                for name, label in (("transformers", "transformers"), ("ours", "ours, as loaded"),
+                                    ("for_decode", "ours, for_decode (generate.py)")):
+                    rows.append([dtype_name, T, label, tps[name], f"{tps[name] / tps['transformers']:.2f}x"])
+                print(f"  {dtype_name} {T} tokens: max |logits - transformers'|: as loaded {diff['ours']:.2e}, "
+                      f"for_decode {diff['for_decode']:.2e}", flush=True)
+            del hf, ours, prepared
     common.print_table(
         f"Prefill, tokens/s (batch 1, median of {a.repeats}); {common.machine()}; "
         f"load average {load} -> {common.load_average()}",

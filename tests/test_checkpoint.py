@@ -520,7 +520,7 @@ def test_saving_over_the_file_a_model_views_leaves_that_model_unchanged(tmp_path
 @linux_only
 def test_for_decode_loads_a_model_prepared_for_the_cpu(tiny, tmp_path):
     """for_decode: the loaded model, fused and packed (cpu_decode.prepare_for_decode): the same logits within
-    fp32 rounding; what stays a parameter (a view of the file) is the embedding table and the norms."""
+    fp32 rounding; what stays a parameter (a view of the file) is the embedding table, norms and routers."""
     from cpu_decode import packed_weights
 
     model, want = tiny
@@ -528,12 +528,13 @@ def test_for_decode_loads_a_model_prepared_for_the_cpu(tiny, tmp_path):
     file = tmp_path / "model.safetensors"
     loaded = load_model(tmp_path, for_decode=True)
     assert loaded.prepared_for_decode and loaded.layers[0].attention.wq is None
-    # 4 layers x (wqkv, wo); 2 dense layers x (w13, w2); 2 MoE layers x (shared w13, w2, router, 4 experts x
-    # (w13, w2)); the output head: 8 + 4 + 22 + 1
-    assert len(packed_weights(loaded)) == 35
+    # 4 layers x (wqkv, wo); 2 dense layers x (w13, w2); 2 MoE layers x (shared w13, w2, 4 experts x (w13, w2));
+    # the output head: 8 + 4 + 20 + 1
+    assert len(packed_weights(loaded)) == 33
     maps = mapped_files()
     left = [n for n, p in loaded.named_parameters()]
-    assert all(n == "tok_embeddings.weight" or n.endswith("norm.weight") for n in left) and len(left) == 1 + 2 * 4 + 1
+    assert all(n == "tok_embeddings.weight" or n.endswith(("norm.weight", "router.weight")) for n in left)
+    assert len(left) == 1 + 2 * 4 + 1 + 2
     assert all(views_file(p, file, maps) for p in loaded.parameters())
     torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=1e-5)
 
