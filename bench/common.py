@@ -27,7 +27,7 @@ from typing import Callable
 # OpenMP's wait policy is left as the user has it (libgomp's default: a waiting worker spins a while, then
 # sleeps), because that is what `python generate.py` runs with. It matters: with OMP_WAIT_POLICY=PASSIVE
 # (sleep at once) each oneDNN product pays a thread wake-up, ~100 us on this 2-core machine, as much as
-# reading a 4 MB weight, so bf16 decoding ran 25-45% slower (bench/README.md). On a machine busy with other
+# reading a 4 MB weight, so decoding ran 30-42% slower (bench/README.md). On a machine busy with other
 # jobs, spinning workers can make small parallel ops wait for a scheduler slice instead: export
 # OMP_WAIT_POLICY=PASSIVE there. Every table's title says which policy it ran under.
 
