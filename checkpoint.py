@@ -432,7 +432,7 @@ def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, 
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     optional = {n for n in expected if n.endswith("expert_bias")}  # only our own checkpoints carry it
     zero_copy = zero_copy and torch.device(device).type == "cpu"
-    loaded, unexpected, viewed, views = set(), [], set(), set()
+    loaded, unexpected, views = set(), [], set()
     for key, ours, t, done in stream:
         if ours is None or ours not in expected:
             unexpected.append(key)
@@ -448,11 +448,10 @@ def fill(model: nn.Module, stream: Iterator, device, dtype: torch.dtype | None, 
             dest = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
             value = t.copy_into(dest) if isinstance(t, Concat) else dest.copy_(t)  # the one copy
         if isinstance(t, torch.Tensor) and value.data_ptr() == t.data_ptr():
-            viewed.add(key)
             views.add(ours)
         store(model, ours, value)
         loaded.add(ours)
-        if done is not None and key not in viewed:  # (pages that a model tensor views stay mapped)
+        if done is not None and ours not in views:  # (pages that a model tensor views stay mapped)
             done()
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) that this model has no place for: "
