@@ -37,12 +37,16 @@ from moe import Experts, FeedForward, MoE
 
 
 def packs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can run products in this dtype on this CPU from a packed weight."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    """Whether oneDNN can run products in this dtype on this CPU from a packed weight (and this PyTorch has
+    the ops: they are internal ones, those torch.compile's CPU backend emits, so an older or newer release
+    may lack them; then the weights stay plain)."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
         return False
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.bfloat16 and hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):

@@ -213,7 +213,8 @@ def machine() -> str:
     import transformers
 
     return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads "
-            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset: libgomp default')}), transformers {transformers.__version__}")
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset: libgomp default')}), "
+            f"transformers {transformers.__version__}")
 
 
 # --------------------------------------------------------------------------------------------------------
