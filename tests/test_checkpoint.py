@@ -637,7 +637,7 @@ def peak_increase(path: Path, how: str) -> tuple[float, dict]:
     return peak - m["before"], m
 
 
-@pytest.mark.parametrize("layout,how", [("hf", "copy"), ("hf", "zero_copy"), ("hf", "for_decode"),
+@pytest.mark.parametrize("layout,how", [("hf", "copy"), ("hf", "zero_copy"), ("hf", "for_decode"), ("meta", "for_decode"),
                                         ("meta", "copy"), ("meta", "zero_copy")])
 def test_streaming_load_peak_memory(big, layout, how):
     path = big / layout
