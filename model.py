@@ -160,6 +160,13 @@ class KVCache:
         return self.k[:, :n], self.v[:, :n], self.pos[:, :n]
 
 
+def cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The KV cache's dtype for a model with this weight: its own, but fp32 on the CPU, where attention runs in
+    fp32 (Attention): there a bf16 cache, converted whole at every decode step, cost ~10% of the step."""
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if weight.device.type == "cpu" and low else weight.dtype
+
+
 class Cache:
     """The whole model's decoding state: one KVCache per layer and each row's next position."""
 
@@ -292,11 +299,8 @@ class Transformer(nn.Module):
             self.vision = VisionModel(args.vision)
 
     def make_cache(self, batch: int, max_len: int) -> Cache:
-        """A KV cache in the model's dtype; in fp32 on the CPU, where attention runs in fp32 (Attention): there
-        a bf16 cache, converted whole at every decode step, cost ~10% of the step (bench/decode.py)."""
         p = self.tok_embeddings.weight  # (the output head may be packed for the CPU: cpu_decode.py)
-        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        return Cache(self.args, batch, max_len, dtype, p.device)
+        return Cache(self.args, batch, max_len, cache_dtype(p), p.device)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tiles (N, 3, 336, 336) -> features (N * 144, dim), in the order their <|patch|> tokens come."""

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import Concat, _assign, _stream_meta, detect_layout, fill, load_args, meta_merge, safetensors_stream
-from model import Cache, ModelArgs, Transformer
+from model import Cache, ModelArgs, Transformer, cache_dtype
 from moe import Experts, FeedForward, MoE
 from storage import CheckpointError, SafetensorsFile
 
@@ -272,8 +272,8 @@ def parallelize(model: Transformer, plan: Plan) -> Transformer:
             split_over_ranks(ff, plan.group)  # shared expert + routed experts: one all-reduce
     # The KV cache holds this rank's kv heads only.
     local = replace(args, n_heads=args.n_heads // N, n_kv_heads=args.n_kv_heads // N) if plan.tp else args
-    model.make_cache = lambda batch, max_len: Cache(local, batch, max_len, model.output.weight.dtype,
-                                                    model.output.weight.device)
+    emb = model.tok_embeddings  # (its weight is replaced when the shards are loaded: read it at each call)
+    model.make_cache = lambda batch, max_len: Cache(local, batch, max_len, cache_dtype(emb.weight), emb.weight.device)
     return model
 
 
