@@ -30,6 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fused_swiglu(w13, w2, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with w1 (gate) and w3 (up) as one product w13 whose outputs are [gate | up] (cpu_decode.py)."""
+    gate, up = w13(x).chunk(2, dim=-1)
+    return w2(F.silu(gate) * up)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers, the shared expert (and, stacked, each routed expert)."""
 
@@ -43,8 +49,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return fused_swiglu(self.w13, self.w2, x)
 
 
 class Experts(nn.Module):
@@ -74,9 +79,7 @@ class Experts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x (n, D) -> (n, D). Its weights are views of the stacks: no copy."""
         if self.fused is not None:  # prepared for CPU decoding: gate and up from one product
-            w13, w2 = self.fused[e]
-            gate, up = w13(x).chunk(2, dim=-1)
-            return w2(F.silu(gate) * up)
+            return fused_swiglu(*self.fused[e], x)
         w1, w3, w2 = self.parts[e] if self.parts is not None else (self.w1[e], self.w3[e], self.w2[e])
         return (F.silu(x @ w1) * (x @ w3)) @ w2
 
