@@ -208,6 +208,29 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     return (visible | (q < 0))[:, None]
 
 
+def causal_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunked causal attention for one unpadded sequence per row from position 0 (training, prefill), heads
+    first: q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D).
+
+    The chunks are independent causal triangles, so they are stacked as a batch (B * T/chunk, H, chunk, D) and
+    SDPA computes only those triangles, instead of all T x T scores under a mask: for T = 2 chunks, a quarter
+    of the scores. A last partial chunk is a causal triangle of its own.
+    """
+    B, H, T, D = q.shape
+    n = T // chunk  # whole chunks
+
+    def stacked(x: torch.Tensor) -> torch.Tensor:  # (B, h, n * chunk, D) -> (B * n, h, chunk, D)
+        return x[:, :, :n * chunk].unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+
+    y = F.scaled_dot_product_attention(stacked(q), stacked(k), stacked(v), is_causal=True, enable_gqa=True)
+    y = y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)  # (B, H, n * chunk, D)
+    if n * chunk < T:
+        s = n * chunk
+        tail = F.scaled_dot_product_attention(q[:, :, s:], k[:, :, s:], v[:, :, s:], is_causal=True, enable_gqa=True)
+        y = torch.cat([y, tail], dim=2)
+    return y
+
+
 def temperature(pos: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
     """Query scale for NoPE layers: 1 up to position floor_scale - 2, then growing like log(pos)."""
     return torch.log(torch.floor((pos.float() + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
@@ -256,6 +279,8 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if plain_causal and (self.chunk is None or T <= self.chunk):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif plain_causal:  # several whole chunks, each its own causal triangle
+            y = causal_in_chunks(q, k, v, self.chunk)
         else:
             if self.chunk not in masks:
                 masks[self.chunk] = attention_mask(pos, k_pos, self.chunk)  # (B, 1, T, S)

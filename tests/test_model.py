@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import (FLAVORS, ModelArgs, RMSNorm, Transformer, attention_mask, param_counts,  # noqa: E402
-                   temperature)
+from model import (FLAVORS, ModelArgs, RMSNorm, Transformer, attention_mask, causal_in_chunks,  # noqa: E402
+                   param_counts, temperature)
 from moe import FeedForward, MoE  # noqa: E402
 
 
@@ -275,6 +275,34 @@ def test_forward_matches_brute_force_reference(small):
     assert (unchunked - ref)[:, 8:].abs().max() > 1e-2 and (unchunked - ref)[:, :8].abs().max() < 1e-9
     untuned = reference_forward(_with_args(model, attn_temperature_tuning=False), tokens, torch.arange(T_LONG)[None])
     assert (untuned - ref)[:, 15:].abs().max() > 1e-2 and (untuned - ref)[:, :15].abs().max() < 1e-9
+
+
+def test_forward_with_a_partial_last_chunk_matches_brute_force_reference(small):
+    model, tokens, _ = small
+    t = tokens[:, :37]  # 4 whole chunks of 8, then 5 tokens: attention chunk by chunk, and a partial tail
+    with torch.no_grad():
+        out = model(t)
+    torch.testing.assert_close(out.double(), reference_forward(model, t, torch.arange(37)[None]), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [5, 8, 24, 29])
+def test_causal_in_chunks_equals_attention_under_the_chunk_mask(T):
+    """Softmax over the keys the double-loop mask allows, per head (GQA: 4 query heads per KV head), in fp64;
+    and the gradients agree with SDPA under the mask."""
+    torch.manual_seed(T)
+    q = torch.randn(2, 8, T, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, T, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos = torch.arange(T)[None].expand(2, T)
+    mask = mask_by_loops(pos, pos, 8)  # (B, 1, T, T)
+    scores = q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 4.0  # (B, H, T, T); 1/sqrt(16)
+    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(4, 1)
+    got = causal_in_chunks(q, k, v, 8)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    for a, b in zip(grads, torch.autograd.grad(masked, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def _with_args(model, **changes):
