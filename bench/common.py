@@ -6,9 +6,11 @@ temporary directory, and both implementations load that directory (theirs with `
 with `checkpoint.load_model`). Timings alternate between the two (A B B A ...) so that a noisy neighbour
 on a shared machine slows both alike, and every number reported is a median over repetitions.
 
-The model (`BENCH`) is sized for a 2-core CPU so that reading weights, not Python, dominates decoding:
-dim 512, 8 layers, 16 experts top-1 with MoE on every layer (Scout's layout), vocab 32000 -- 252M
-parameters in all, 47M of them read per decoded token (embedding table excluded: a token reads one row).
+The model (`MODELS`, chosen with --model) is sized for a 2-core CPU so that reading weights dominates
+decoding. "wide" (the default): dim 1024, 4 layers, heads of 128 (Llama 4's head size), 16 experts top-1 with
+MoE on every layer (Scout's layout), vocab 32000 -- 290M parameters, 69M of them read per decoded token (the
+embedding table excluded: a token reads one row). "narrow": the model of the tables before 2026-11-28, the
+same budget as 8 layers of dim 512 with heads of 64 (252M, 47M read per token).
 """
 from __future__ import annotations
 
@@ -40,14 +42,28 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# The decode/prefill model, as transformers config fields (Llama4TextConfig). RoPE as Scout's (Meta's 16/1/1
-# llama3 scaling, theta 5e5), 8192-token attention chunks, layer 3 and 7 NoPE, QK-norm on.
-BENCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048,
-             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-             num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
-             attention_chunk_size=8192, max_position_embeddings=16384, rms_norm_eps=1e-5,
-             rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
-                                  high_freq_factor=1.0, original_max_position_embeddings=8192))
+# The decode/prefill/load/MoE models, as transformers config fields (Llama4TextConfig). Both: RoPE as Scout's
+# (Meta's 16/1/1 llama3 scaling, theta 5e5), 8192-token attention chunks, every 4th layer NoPE (3, 7), QK-norm,
+# 16 experts of width 1024, top-1, plus the shared expert, on every layer. They differ in shape only:
+# at width 512 a decoding step is 57 products of 1-4 MB, each run at 40-60% of the machine's bandwidth, and
+# the ops between them (norms, RoPE, the cache, attention: ~0.7 ms a layer) took 40% of the step, so the
+# "narrow" model measured per-op overhead more than the weight reads the bound is about. "wide" halves the
+# layers and doubles the width: ~300M parameters as the bench issue asks, in products of 2-8 MB.
+_COMMON = dict(vocab_size=32000, intermediate_size=1024, intermediate_size_mlp=2048, num_attention_heads=8,
+               num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+               use_qk_norm=True, attention_chunk_size=8192, max_position_embeddings=16384, rms_norm_eps=1e-5,
+               rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
+                                    high_freq_factor=1.0, original_max_position_embeddings=8192))
+MODELS = {
+    "wide": dict(_COMMON, hidden_size=1024, num_hidden_layers=4, head_dim=128),   # 290M parameters
+    "narrow": dict(_COMMON, hidden_size=512, num_hidden_layers=8, head_dim=64),   # 252M parameters
+}
+
+
+def add_model_option(p) -> None:
+    p.add_argument("--model", default="wide", choices=list(MODELS),
+                   help="wide: dim 1024, 4 layers, heads of 128 (290M parameters; the default); narrow: dim "
+                        "512, 8 layers, heads of 64 (252M; the earlier tables' model)")
 
 
 def setup(threads: int = 2, seed: int = 0) -> None:
@@ -68,10 +84,10 @@ def setup(threads: int = 2, seed: int = 0) -> None:
 # Building and loading the checkpoint both implementations read
 # --------------------------------------------------------------------------------------------------------
 
-def hf_config(**fields):
+def hf_config(model: str = "wide", **fields):
     from transformers import Llama4TextConfig
 
-    return Llama4TextConfig(**{**BENCH, **fields})
+    return Llama4TextConfig(**{**MODELS[model], **fields})
 
 
 def hf_config_from_args(args):

@@ -173,17 +173,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="decoded tokens per timed segment (16)")
     p.add_argument("--repeats", type=int, default=5, help="timed segments per implementation (5)")
     p.add_argument("--threads", type=int, default=2)
+    common.add_model_option(p)
     a = p.parse_args()
     common.setup(a.threads)
     load = common.load_average()
-    tmp, path = common.temp_checkpoint(common.hf_config())
+    tmp, path = common.temp_checkpoint(common.hf_config(a.model))
     rows = []
     with tmp:
         for dtype_name in a.dtypes:
             for batch in a.batches:
                 rows += bench_one(path, dtype_name, batch, a)
     common.print_table(
-        f"Decode after a {a.prompt}-token prompt, tokens/s (median of {a.repeats} x {a.steps} tokens); "
+        f"Decode after a {a.prompt}-token prompt, model {a.model}, tokens/s (median of {a.repeats} x {a.steps} "
+        f"tokens); "
         f"{common.machine()}; load average {load} -> {common.load_average()}",
         ["dtype", "batch", "implementation", "tok/s", "vs transformers", "MB read/step", "GB/s",
          "bound tok/s", "of bound", "matmuls alone tok/s"], rows,

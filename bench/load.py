@@ -1,6 +1,6 @@
 """Loading: wall time and peak resident memory for a ~1 GB checkpoint, ours vs transformers.
 
-The script writes one fp32 checkpoint (the 252M-parameter model of bench/common.py, 1.0 GB) with
+The script writes one fp32 checkpoint (the model of bench/common.py: --model wide, 290M parameters, 1.16 GB) with
 `save_pretrained` (in a child process, so this one stays small), then loads it many times, each time in a
 fresh Python process so that the peak memory belongs to that one load: ours with `checkpoint.load_model`,
 theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
@@ -48,7 +48,7 @@ def rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(which: str, path: str, dtype_name: str, threads: int) -> None:
+def child(which: str, path: str, dtype_name: str, threads: int, model: str) -> None:
     """Runs in its own process: import, load, read every weight, print one JSON line."""
     common.setup(threads)
     dtype = common.DTYPES[dtype_name]
@@ -58,7 +58,7 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
         import transformers  # noqa: F401
         transformers.Llama4ForCausalLM  # noqa: B018  (resolve the lazy import now)
     else:  # "write": make the checkpoint
-        common.write_checkpoint(common.hf_config(), path)
+        common.write_checkpoint(common.hf_config(model), path)
         return
     import torch
 
@@ -81,9 +81,9 @@ def child(which: str, path: str, dtype_name: str, threads: int) -> None:
     print(json.dumps(dict(seconds=seconds, touched=touched, peak=peak, base=base, checksum=total)))
 
 
-def run_child(which: str, path, dtype_name: str, threads: int) -> dict:
+def run_child(which: str, path, dtype_name: str, threads: int, model: str = "wide") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, str(path), "--dtype", dtype_name,
-           "--threads", str(threads)]
+           "--threads", str(threads), "--model", model]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
@@ -97,16 +97,17 @@ def main() -> None:
                    help="dtypes to load into (fp32 = as stored, bf16 = converted while loading)")
     p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES), help=argparse.SUPPRESS)  # child
     p.add_argument("--threads", type=int, default=2)
+    common.add_model_option(p)
     p.add_argument("--child", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        return child(a.child[0], a.child[1], a.dtype, a.threads)
+        return child(a.child[0], a.child[1], a.dtype, a.threads, a.model)
     common.setup(a.threads)
     load = common.load_average()
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="llama4-bench-") as tmp:
         path = Path(tmp)
-        run_child("write", path, "fp32", a.threads)
+        run_child("write", path, "fp32", a.threads, a.model)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         for dtype_name in a.dtypes:
             loaders = ["transformers", "ours"] + (["ours-copy", "ours-for-decode"] if dtype_name == "fp32" else [])

@@ -1,6 +1,6 @@
 """The MoE layer alone: our grouped dispatch vs transformers' `Llama4TextMoe` (every expert on every token).
 
-One MoE layer of the benchmark model (dim 512, 16 experts of width 1024, top-1, plus the shared expert) is
+One MoE layer of the benchmark model (--model wide: dim 1024, 16 experts of width 1024, top-1, plus the shared expert) is
 built by transformers with its own initialization; ours gets the same weights (gate_up_proj split into
 w1 / w3). Inputs of decode size (1 and 8 tokens) and prefill size (512 and 4096 tokens) go through both,
 alternating; the table shows the median time per call and the tokens/s it means. Every expert runs on
@@ -26,10 +26,10 @@ from moe import MoE
 
 
 @torch.no_grad()
-def build(dtype: torch.dtype, seed: int = 0):
+def build(dtype: torch.dtype, model: str = "wide", seed: int = 0):
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-    cfg = common.hf_config()
+    cfg = common.hf_config(model)
     torch.manual_seed(seed)
     theirs = Llama4TextMoe(cfg)
     for p in theirs.parameters():
@@ -88,14 +88,15 @@ def main() -> None:
                    help="tokens per forward + backward in the training table (512; none: skip it)")
     p.add_argument("--repeats", type=int, default=7, help="timed samples per implementation and size (7)")
     p.add_argument("--threads", type=int, default=2)
+    common.add_model_option(p)
     a = p.parse_args()
     common.setup(a.threads)
     load = common.load_average()
     rows, train_rows = [], []
     for dtype_name in a.dtypes:
-        theirs, ours = build(common.DTYPES[dtype_name])
+        theirs, ours = build(common.DTYPES[dtype_name], a.model)
         for n in a.backward_tokens:
-            layer = build(common.DTYPES[dtype_name])[1].train()
+            layer = build(common.DTYPES[dtype_name], a.model)[1].train()
             train_rows += backward_rows(layer, dtype_name, n, a.repeats)
             del layer
         for n in a.tokens:
@@ -117,7 +118,8 @@ def main() -> None:
                              f"{med['transformers'] / med[name]:.2f}x"])
             print(f"  {dtype_name} {n} tokens: max |ours - transformers| = {diff:.2e}", flush=True)
     common.print_table(
-        f"One MoE layer (dim 512, 16 experts x 1024 + shared, top-1), median of {a.repeats}; "
+        f"One MoE layer (model {a.model}: dim {theirs.hidden_dim}, 16 experts x 1024 + shared, top-1), median of "
+        f"{a.repeats}; "
         f"{common.machine()}; load average {load} -> {common.load_average()}",
         ["dtype", "tokens", "implementation", "ms/call", "tok/s", "vs transformers"], rows)
     if train_rows:

@@ -38,10 +38,11 @@ def main() -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 4096], help="prompt lengths (512 4096)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation and length (3)")
     p.add_argument("--threads", type=int, default=2)
+    common.add_model_option(p)
     a = p.parse_args()
     common.setup(a.threads)
     load = common.load_average()
-    tmp, path = common.temp_checkpoint(common.hf_config())
+    tmp, path = common.temp_checkpoint(common.hf_config(a.model))
     rows = []
     with tmp:
         for dtype_name in a.dtypes:
@@ -66,7 +67,7 @@ def main() -> None:
                       f"for_decode {diff['for_decode']:.2e}", flush=True)
             del hf, ours, prepared
     common.print_table(
-        f"Prefill, tokens/s (batch 1, median of {a.repeats}); {common.machine()}; "
+        f"Prefill, model {a.model}, tokens/s (batch 1, median of {a.repeats}); {common.machine()}; "
         f"load average {load} -> {common.load_average()}",
         ["dtype", "prompt tokens", "implementation", "tok/s", "vs transformers"], rows)
 
