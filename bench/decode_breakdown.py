@@ -1,0 +1,112 @@
+"""Where a CPU decode step's time goes: weight products, the attention kernel, norms, and everything else.
+
+Ours alone, the model as generate.py runs it on the CPU (`checkpoint.load_model(..., for_decode=True)`: fused
+and packed by cpu_decode.py), batch 1, decoding positions 512, 513, ... after a 512-token prompt. Timers
+(`time.perf_counter`) wrap the packed products (`cpu_decode.PackedLinear`), plain `nn.Linear` products (the
+router), `F.scaled_dot_product_attention` and `RMSNorm`; "everything else" is the step's wall time minus
+those: RoPE, QK-norm, the cache writes, masks, routing, activations, residual adds, and the Python between
+them. The same step's products run back to back ("matmuls alone", as in bench/decode.py) and the bandwidth
+bound (measured here, as bench/decode.py does) put those figures in proportion: if the products alone reach a
+fraction p of the bound, decode at 50% of it leaves everything else 1/0.5 - 1/p bound-steps of time (at
+p = 60%, a third of the products' own time).
+
+    python bench/decode_breakdown.py
+    python bench/decode_breakdown.py --model narrow --dtypes fp32
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+
+import common  # first: puts the project on the path
+import decode  # bench/decode.py: the same prefill, decode loop and matmuls-alone
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextlib.contextmanager
+def timed(spent: dict):
+    """Within: time spent in each kind of call accumulates in `spent` (seconds)."""
+    import model
+    from cpu_decode import PackedLinear
+
+    def wrap(owner, attr, key):
+        inner = getattr(owner, attr)
+
+        def timer(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+            return out
+        setattr(owner, attr, timer)
+        return owner, attr, inner
+
+    saved = [wrap(PackedLinear, "forward", "products"), wrap(nn.Linear, "forward", "router (plain products)"),
+             wrap(F, "scaled_dot_product_attention", "attention kernel (SDPA)"),
+             wrap(model.RMSNorm, "forward", "RMSNorm")]
+    try:
+        yield
+    finally:
+        for owner, attr, inner in saved:
+            setattr(owner, attr, inner)
+
+
+def breakdown(path, dtype_name: str, a) -> list[list]:
+    import checkpoint
+
+    dtype = common.DTYPES[dtype_name]
+    plain = common.load_ours(path, dtype)
+    m = checkpoint.load_model(path, dtype=dtype, for_decode=True)
+    prompt = torch.randint(0, plain.args.vocab_size, (1, a.prompt), generator=torch.Generator().manual_seed(1))
+    cache, first = decode.prefill_ours(m, prompt, a.steps)
+    n_moe = sum(hasattr(layer.feed_forward, "experts") for layer in plain.layers)
+    bound = common.measure_bandwidth(repeats=5)["best"] * 1e9 / common.weight_bytes_per_step(plain, [1.0] * n_moe)
+    alone = decode.matmuls_alone(m, 1, [1.0] * n_moe, a.steps)
+    decode.decode_ours(m, copy.deepcopy(cache), first, a.steps)  # warm up
+    walls, parts, products = [], [], []
+    for _ in range(a.repeats):
+        spent: dict[str, float] = {}
+        c = copy.deepcopy(cache)
+        with timed(spent):
+            walls.append(common.timeit(lambda: decode.decode_ours(m, c, first, a.steps)) / a.steps)
+        parts.append({k: v / a.steps for k, v in spent.items()})
+        products.append(common.timeit(alone) / a.steps)
+    wall = common.median(walls)
+    keys = ["products", "router (plain products)", "attention kernel (SDPA)", "RMSNorm"]
+    ms = {k: common.median([p.get(k, 0.0) for p in parts]) for k in keys}
+    ms["everything else"] = wall - sum(ms.values())
+    rows = [[dtype_name, k, f"{1e3 * v:.2f}", f"{100 * v / wall:.0f}%"] for k, v in ms.items()]
+    rows.append([dtype_name, "step", f"{1e3 * wall:.2f}",
+                 f"{1 / wall:.1f} tok/s = {100 / wall / bound:.0f}% of the bound ({bound:.0f} tok/s)"])
+    rows.append([dtype_name, "products alone, back to back", f"{1e3 * common.median(products):.2f}",
+                 f"{100 / common.median(products) / bound:.0f}% of the bound"])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(common.DTYPES))
+    p.add_argument("--prompt", type=int, default=512, help="prompt length in tokens (512)")
+    p.add_argument("--steps", type=int, default=16, help="decoded tokens per timed segment (16)")
+    p.add_argument("--repeats", type=int, default=5, help="timed segments (5)")
+    p.add_argument("--threads", type=int, default=2)
+    common.add_model_option(p)
+    a = p.parse_args()
+    common.setup(a.threads)
+    load = common.load_average()
+    tmp, path = common.temp_checkpoint(common.hf_config(a.model))
+    rows = []
+    with tmp:
+        for dtype_name in a.dtypes:
+            rows += breakdown(path, dtype_name, a)
+    common.print_table(
+        f"One decode step at batch 1, model {a.model}, as generate.py runs it on the CPU, ms (median of "
+        f"{a.repeats} x {a.steps} steps); {common.machine()}; load average {load} -> {common.load_average()}",
+        ["dtype", "part", "ms/step", "share"], rows)
+
+
+if __name__ == "__main__":
+    main()
