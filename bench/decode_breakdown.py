@@ -8,7 +8,7 @@ those: RoPE, QK-norm, the cache writes, masks, routing, activations, residual ad
 them. The same step's products run back to back ("matmuls alone", as in bench/decode.py) and the bandwidth
 bound (measured here, as bench/decode.py does) put those figures in proportion: if the products alone reach a
 fraction p of the bound, decode at 50% of it leaves everything else 1/0.5 - 1/p bound-steps of time (at
-p = 60%, a third of the products' own time).
+p = 60%, a third of a bound-step: a fifth of the products' own time).
 
     python bench/decode_breakdown.py
     python bench/decode_breakdown.py --model narrow --dtypes fp32
