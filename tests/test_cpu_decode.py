@@ -136,3 +136,15 @@ def test_quantized_experts_are_left_quantized(packing):
     assert isinstance(moe, MoE) and isinstance(moe.experts, QuantizedExperts)
     assert model.layers[1].attention.wqkv is not None and moe.shared_expert.w13 is not None
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_packs_only_where_this_pytorch_has_the_internal_ops(monkeypatch):
+    """The packing ops are internal to PyTorch (torch.compile's CPU backend emits them): a release without them
+    must fall back to plain weights, not fail at the first product. fp16 is never packed."""
+    assert not cpu_decode.packs(torch.float16)
+    w, x = torch.randn(6, 5), torch.randn(2, 5)
+    monkeypatch.setattr(torch.ops, "mkldnn", type("WithoutTheOps", (), {})())
+    assert not cpu_decode.packs(torch.float32) and not cpu_decode.packs(torch.bfloat16)
+    lin = PackedLinear(w)
+    assert not lin.packed
+    torch.testing.assert_close(lin(x), x @ w.T)
