@@ -88,12 +88,7 @@ def breakdown(path, dtype_name: str, a) -> list[list]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(common.DTYPES))
-    p.add_argument("--prompt", type=int, default=512, help="prompt length in tokens (512)")
-    p.add_argument("--steps", type=int, default=16, help="decoded tokens per timed segment (16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed segments (5)")
-    p.add_argument("--threads", type=int, default=2)
-    common.add_model_option(p)
+    decode.add_decode_options(p)
     a = p.parse_args()
     common.setup(a.threads)
     load = common.load_average()
