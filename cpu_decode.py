@@ -8,7 +8,8 @@ bench/layout.py and bench/decode.py on 2 cores; figures in bench/README.md):
 1. The number of products. Each call costs tens of microseconds besides reading its weight, which is as
    long as reading a 512 x 512 matrix. So the products that share an input run as one: wq, wk, wv as one
    `wqkv`; a SwiGLU's w1 (gate) and w3 (up) as one `w13`, for dense layers, the shared expert and each
-   routed expert. A step of the benchmark model goes from 89 products to 57.
+   routed expert. An MoE layer goes from 11 products to 7 (wqkv, wo, router, and w13 and w2 for the shared
+   and the routed expert).
 2. The weight's memory layout. oneDNN (PyTorch's CPU kernel library) computes x @ W.T from its own blocked
    layout of W; handed a plain (out, in) matrix, it reorders W at every call, or falls back to a slower
    kernel. Packing each W once (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU
