@@ -143,6 +143,14 @@ def temp_checkpoint(cfg, seed: int = 0) -> tuple[tempfile.TemporaryDirectory, Pa
     return tmp, write_checkpoint(cfg, tmp.name, seed)
 
 
+def start(a) -> tuple[str, tempfile.TemporaryDirectory, Path]:
+    """What a benchmark of `--model` does first: the common conditions (`--threads`), the load average before
+    it runs (for the table's title), and the checkpoint written once for both implementations."""
+    setup(a.threads)
+    load = load_average()
+    return (load, *temp_checkpoint(hf_config(a.model)))
+
+
 @contextlib.contextmanager
 def experts_indexed_per_expert():
     """Our MoE as it was before `Experts.taken_apart`: each expert's weights indexed from the stacks, w1[e],

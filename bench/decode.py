@@ -180,9 +180,7 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     add_decode_options(p)
     a = p.parse_args()
-    common.setup(a.threads)
-    load = common.load_average()
-    tmp, path = common.temp_checkpoint(common.hf_config(a.model))
+    load, tmp, path = common.start(a)
     rows = []
     with tmp:
         for dtype_name in a.dtypes:

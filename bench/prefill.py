@@ -40,9 +40,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     common.add_model_option(p)
     a = p.parse_args()
-    common.setup(a.threads)
-    load = common.load_average()
-    tmp, path = common.temp_checkpoint(common.hf_config(a.model))
+    load, tmp, path = common.start(a)
     rows = []
     with tmp:
         for dtype_name in a.dtypes:
