@@ -8,7 +8,10 @@ those: RoPE, QK-norm, the cache writes, masks, routing, activations, residual ad
 them. The same step's products run back to back ("matmuls alone", as in bench/decode.py) and the bandwidth
 bound (measured here, as bench/decode.py does) put those figures in proportion: if the products alone reach a
 fraction p of the bound, decode at 50% of it leaves everything else 1/0.5 - 1/p bound-steps of time (at
-p = 60%, a third of a bound-step: a fifth of the products' own time).
+p = 60%, a third of a bound-step: a fifth of the products' own time). A last row reads the same bytes
+(plain copies of the same weights, one tensor per product) with `torch.sum`, back to back: how fast this
+machine streams those bytes in chunks of that size, i.e. what the products would take if the matrix-vector
+kernels read as fast as a plain reduction does.
 
     python bench/decode_breakdown.py
     python bench/decode_breakdown.py --model narrow --dtypes fp32
@@ -54,6 +57,25 @@ def timed(spent: dict):
             setattr(owner, attr, inner)
 
 
+@torch.no_grad()
+def sums_alone(model, steps: int):
+    """A callable that, `steps` times, reads the bytes one batch-1 decoding step of the (as loaded) `model` reads
+    -- every weight but the embedding table, one routed expert per MoE layer -- with one `torch.sum` per weight
+    matrix, from plain contiguous copies (the products' weights are fused and packed: opaque to other ops)."""
+    weights = []
+    for name, p in model.named_parameters():
+        if name == "tok_embeddings.weight" or p.ndim < 2:
+            continue
+        weights.append(p[0].clone() if ".experts." in name else p.clone())  # (E, ...) stacks: expert 0's slice
+    weights = [w.contiguous() for w in weights]
+
+    def go():
+        for _ in range(steps):
+            for w in weights:
+                w.sum()
+    return go
+
+
 def breakdown(path, dtype_name: str, a) -> list[list]:
     import checkpoint
 
@@ -65,8 +87,9 @@ def breakdown(path, dtype_name: str, a) -> list[list]:
     n_moe = sum(hasattr(layer.feed_forward, "experts") for layer in plain.layers)
     bound = common.measure_bandwidth(repeats=5)["best"] * 1e9 / common.weight_bytes_per_step(plain, [1.0] * n_moe)
     alone = decode.matmuls_alone(m, 1, [1.0] * n_moe, a.steps)
+    sums = sums_alone(plain, a.steps)
     decode.decode_ours(m, copy.deepcopy(cache), first, a.steps)  # warm up
-    walls, parts, products = [], [], []
+    walls, parts, products, reads = [], [], [], []
     for _ in range(a.repeats):
         spent: dict[str, float] = {}
         c = copy.deepcopy(cache)
@@ -74,6 +97,7 @@ def breakdown(path, dtype_name: str, a) -> list[list]:
             walls.append(common.timeit(lambda: decode.decode_ours(m, c, first, a.steps)) / a.steps)
         parts.append({k: v / a.steps for k, v in spent.items()})
         products.append(common.timeit(alone) / a.steps)
+        reads.append(common.timeit(sums) / a.steps)
     wall = common.median(walls)
     keys = ["products", "router (plain products)", "attention kernel (SDPA)", "RMSNorm"]
     ms = {k: common.median([p.get(k, 0.0) for p in parts]) for k in keys}
@@ -83,6 +107,8 @@ def breakdown(path, dtype_name: str, a) -> list[list]:
                  f"{1 / wall:.1f} tok/s = {100 / wall / bound:.0f}% of the bound ({bound:.0f} tok/s)"])
     rows.append([dtype_name, "products alone, back to back", f"{1e3 * common.median(products):.2f}",
                  f"{100 / common.median(products) / bound:.0f}% of the bound"])
+    rows.append([dtype_name, "the same bytes read by torch.sum", f"{1e3 * common.median(reads):.2f}",
+                 f"{100 / common.median(reads) / bound:.0f}% of the bound"])
     return rows
 
 
