@@ -322,6 +322,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        self.decode_step = None  # a compiled one-token step (cpu_decode.prepare_for_decode(..., compile=True))
         self.vision = None
         if args.vision is not None:
             from vision import VisionModel
@@ -355,6 +356,9 @@ class Transformer(nn.Module):
         with a cache, continuing where the cache left off.
         """
         B, T = tokens.shape
+        if self.decode_step is not None and (B, T) == (1, 1) and cache is not None and positions is None \
+                and image_features is None and not torch.is_grad_enabled():
+            return self.decode_step(tokens, cache)  # (1, 1, vocab), the same logits from one compiled graph
         default_positions = positions is None
         if positions is None:
             start = cache.next_pos[:, None] if cache is not None else 0

@@ -62,6 +62,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.parts: list[tuple[torch.Tensor, ...]] | None = None  # each expert's (w1, w3, w2), see taken_apart
         self.fused: nn.ModuleList | None = None  # each expert's (w1|w3, w2): cpu_decode.py
+        self.stacks: tuple[torch.Tensor, torch.Tensor] | None = None  # unpacked, those as (E, 2F, D), (E, D, F)
 
     @contextlib.contextmanager
     def taken_apart(self):

@@ -66,6 +66,13 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * cis).flatten(-2).type_as(x)  # (B, T, H, D)
 
 
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope in real arithmetic, for compilers that handle complex numbers poorly (cpu_decode.py): each
+    interleaved pair (a, b) of x (..., D), fp32, becomes (a cos - b sin, a sin + b cos); cos, sin (..., D/2)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
 def nope_layers(n_layers: int, interval: int = 4) -> list[int]:
     """iRoPE: layers i with (i + 1) % interval == 0 have no RoPE: 3, 7, 11, ... (not 0, 4, 8)."""
     return [i for i in range(n_layers) if interval and (i + 1) % interval == 0]

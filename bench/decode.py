@@ -15,7 +15,8 @@ transformers runs every expert on every token, so it reads all of them. A last c
 weight matrix products, back to back: the ceiling that PyTorch's kernels set for any code around them.
 Ours runs twice: as `checkpoint.load_model` returns it, and after `cpu_decode.prepare_for_decode` (the products
 that share an input fused into one, each weight packed once into oneDNN's layout; what generate.py runs on
-the CPU).
+the CPU); at batch 1 also a third time, with `prepare_for_decode(..., compile=True)` (what `generate.py
+--compile` runs: one compiled graph per token, `cpu_decode.CompiledSteps`; compiled in the untimed segment).
 
     python bench/decode.py                  # fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes fp32 --batches 1 --repeats 3
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import common  # first: puts the project on the path
 import torch
@@ -119,10 +121,17 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
     dtype = common.DTYPES[dtype_name]
     hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
     prepared = prepare_for_decode(common.load_ours(path, dtype))
+    compiled = prepare_for_decode(common.load_ours(path, dtype), compile=True) if batch == 1 else None
     prompt = torch.randint(0, hf.config.vocab_size, (batch, a.prompt), generator=torch.Generator().manual_seed(batch))
     hf_cache, hf_first = prefill_theirs(hf, prompt)
     our_cache, our_first = prefill_ours(ours, prompt, a.steps)
     prep_cache, prep_first = prefill_ours(prepared, prompt, a.steps)
+
+    def run(decode, model, cache, first):
+        def go():
+            c = copy.deepcopy(cache)
+            return common.timeit(lambda: decode(model, c, first, a.steps))
+        return go
 
     # One untimed segment each: warms up, checks agreement, counts the experts ours actually reads.
     used: list[list[int]] = []
@@ -131,18 +140,22 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
     prep_tokens = decode_ours(prepared, copy.deepcopy(prep_cache), prep_first, a.steps)
     agree = (torch.cat([our_first[:, None], ours_tokens], 1) == torch.cat([hf_first[:, None], theirs_tokens], 1))
     same = torch.equal(torch.cat([our_first[:, None], ours_tokens], 1), torch.cat([prep_first[:, None], prep_tokens], 1))
+    runs = {}
+    if compiled is not None:
+        comp_cache, comp_first = prefill_ours(compiled, prompt, a.steps)
+        t0 = time.perf_counter()
+        comp_tokens = decode_ours(compiled, copy.deepcopy(comp_cache), comp_first, a.steps)  # compiles the step
+        agree_c = torch.cat([comp_first[:, None], comp_tokens], 1) == torch.cat([hf_first[:, None], theirs_tokens], 1)
+        print(f"  {dtype_name} batch 1: the compiled step took {time.perf_counter() - t0:.0f} s to compile and run "
+              f"{a.steps} steps; its greedy tokens agree with transformers' {int(agree_c.sum())}/{agree_c.numel()}",
+              flush=True)
+        runs["compiled"] = run(decode_ours, compiled, comp_cache, comp_first)
     distinct = [sum(step[i] for step in used) / len(used) for i in range(len(used[0]))]
     bytes_step = common.weight_bytes_per_step(ours, distinct)
 
-    def run(decode, model, cache, first):
-        def go():
-            c = copy.deepcopy(cache)
-            return common.timeit(lambda: decode(model, c, first, a.steps))
-        return go
-
     times = common.interleaved({"transformers": run(decode_theirs, hf, hf_cache, hf_first),
                                 "ours": run(decode_ours, ours, our_cache, our_first),
-                                "prepared": run(decode_ours, prepared, prep_cache, prep_first),
+                                "prepared": run(decode_ours, prepared, prep_cache, prep_first), **runs,
                                 "matmuls ours": matmuls_alone(ours, batch, distinct, a.steps),
                                 "matmuls prepared": matmuls_alone(prepared, batch, distinct, a.steps),
                                 "bandwidth": lambda: max(common.bandwidth_probe().values())}, a.repeats, warmup=1)
@@ -152,8 +165,10 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
     every_weight = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != "tok_embeddings.weight")
     rows = []
     for name, label in (("transformers", "transformers"), ("ours", "ours, as loaded"),
-                        ("prepared", "ours, prepare_for_decode")):
-        matmuls = "" if name == "transformers" else f"{tps['matmuls ' + name]:.0f}"
+                        ("prepared", "ours, prepare_for_decode"), ("compiled", "ours, compiled (--compile)")):
+        if name not in tps:
+            continue
+        matmuls = f"{tps['matmuls ' + name]:.0f}" if "matmuls " + name in tps else ""
         rows.append([dtype_name, batch, label, tps[name], f"{tps[name] / tps['transformers']:.2f}x",
                      f"{bytes_step / 1e6:.0f}", f"{bandwidth:.1f}", f"{bound:.0f}", f"{100 * tps[name] / bound:.0f}%",
                      matmuls])
@@ -161,7 +176,7 @@ def bench_one(path, dtype_name: str, batch: int, a) -> list[list]:
           f"({'same' if same else 'NOT the same'} after prepare_for_decode); "
           f"distinct experts per layer {sum(distinct) / len(distinct):.2f}; transformers reads "
           f"{every_weight / 1e6:.0f} MB/step (every expert)", flush=True)
-    del hf, ours, prepared
+    del hf, ours, prepared, compiled
     return rows
 
 
@@ -195,7 +210,8 @@ def main() -> None:
         ["Bound = batch x memory bandwidth (GB/s: the larger of a 256 MB copy and a 256 MB matrix-vector "
          "read, measured between the runs) / bytes of weights one step must read (active parameters; at batch "
          "> 1 the distinct experts used). Matmuls alone = only our step's weight matrix products, run back to "
-         "back: what PyTorch's kernels reach on these weights, the ceiling for any code around them."])
+         "back: what PyTorch's kernels reach on these weights, the ceiling for any code around them (the "
+         "compiled step reads its weights with its own loops instead, cpu_decode.mv)."])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ and a brute-force attention (test_model.py). Every test runs twice: with the wei
 packing switched off (the fallback for CPUs and dtypes oneDNN cannot take: fused plain tensors and F.linear).
 """
 import os
+import shutil
 import sys
 
 import pytest
@@ -148,3 +149,104 @@ def test_packs_only_where_this_pytorch_has_the_internal_ops(monkeypatch):
     lin = PackedLinear(w)
     assert not lin.packed
     torch.testing.assert_close(lin(x), x @ w.T)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compiled one-token steps (prepare_for_decode(..., compile=True)); torch.compile's CPU backend needs a C++
+# compiler. The reference is the plain model's full forward over the whole sequence.
+# --------------------------------------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def compiled_fp32():
+    return prepare_for_decode(random_model(), compile=True)
+
+
+@needs_compiler
+def test_compiled_steps_decode_as_the_plain_model(compiled_fp32):
+    """Prefill 5 tokens, then 33 compiled steps (the RoPE layers' 8-slot rings wrap four times, the NoPE
+    temperature steps up at 15 and 31), then 2 tokens through the eager model on the same cache: every logit
+    equals the plain model's full forward within float32 rounding, so the graph kept the cache's books."""
+    tokens = torch.randint(0, ARGS.vocab_size, (1, T), generator=torch.Generator().manual_seed(5))
+    model = compiled_fp32
+    with torch.no_grad():
+        want = random_model()(tokens)
+        cache = model.make_cache(1, T)
+        got = [model(tokens[:, :5], cache=cache)]
+        got += [model(tokens[:, t:t + 1], cache=cache) for t in range(5, T - 2)]
+        assert model.decode_step.compiled and int(cache.next_pos) == T - 2
+        assert all(c.seen == T - 2 for c in cache.layers)
+        got.append(model(tokens[:, T - 2:], cache=cache))  # two tokens: the eager forward
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=2e-5, rtol=2e-5)
+    # the weights it reads: fused, not packed; the experts as two stacks, each expert's products views of them
+    moe = model.layers[1].feed_forward
+    assert not any(m.packed for m in model.modules() if isinstance(m, PackedLinear))
+    w13, w2 = moe.experts.stacks
+    assert w13.shape == (4, 2 * 32, 64) and w2.shape == (4, 64, 32)
+    assert moe.experts.fused[3][0].w.data_ptr() == w13[3].data_ptr()
+
+
+@needs_compiler
+def test_compiled_generate_gives_the_plain_tokens_and_refuses_a_full_cache(compiled_fp32):
+    """generate.py's loop, greedy: the plain model's tokens, with a cache of another size than the graph was
+    first compiled for, and from a second model of the same shapes (its own weights, not the first's)."""
+    from generate import generate
+
+    prompt = [[5, 9, 2, 44, 17, 3, 8, 21, 60, 33, 12]]
+    with torch.no_grad():
+        want = generate(random_model(), prompt, 25, temperature=0)
+        assert generate(compiled_fp32, prompt, 25, temperature=0) == want
+        other = generate(random_model(seed=3), prompt, 25, temperature=0)
+        assert other != want
+        assert generate(prepare_for_decode(random_model(seed=3), compile=True), prompt, 25, temperature=0) == other
+        cache = compiled_fp32.make_cache(1, 12)  # the NoPE layer keeps every token: 12 slots
+        compiled_fp32(torch.tensor([prompt[0]]), cache=cache)
+        compiled_fp32(torch.tensor([[1]]), cache=cache)
+        with pytest.raises(ValueError, match="KV cache is full"):
+            compiled_fp32(torch.tensor([[2]]), cache=cache)
+
+
+@needs_compiler
+def test_compiled_bf16_steps_stay_within_bf16_rounding():
+    tokens = torch.randint(0, ARGS.vocab_size, (1, T), generator=torch.Generator().manual_seed(6))
+    model = prepare_for_decode(random_model(torch.bfloat16), compile=True)
+    with torch.no_grad():
+        want = random_model()(tokens)  # the float32 model: how far bf16 is from exact
+        plain = random_model(torch.bfloat16)(tokens).float()
+        cache = model.make_cache(1, T)
+        got = torch.cat([model(tokens[:, :5], cache=cache)] +
+                        [model(tokens[:, t:t + 1], cache=cache) for t in range(5, T)], 1).float()
+    scale = want.abs().max()
+    plain_err, compiled_err = (plain - want).abs().max() / scale, (got - want).abs().max() / scale
+    assert compiled_err < 2 * plain_err + 1e-3, (plain_err, compiled_err)
+
+
+def test_compiled_steps_refuse_what_they_cannot_run():
+    from dataclasses import replace
+
+    from quantize import quantize_model
+
+    with pytest.raises(ValueError, match="top-1"):
+        prepare_for_decode(Transformer(replace(ARGS, top_k=2)).eval(), compile=True)
+    with pytest.raises(ValueError, match="quantized"):
+        prepare_for_decode(quantize_model(random_model(), "int4"), compile=True)
+    with pytest.raises(ValueError, match="compile"):
+        cpu_decode.CompiledSteps(prepare_for_decode(random_model()))  # packed weights: opaque to the graph
+
+
+@needs_compiler
+def test_a_failed_compile_says_so(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    torch._dynamo.reset()  # forget the graphs the tests before compiled
+    model = prepare_for_decode(random_model(seed=7), compile=True)
+    with torch.no_grad():
+        cache = model.make_cache(1, 8)
+        model(torch.tensor([[1, 2]]), cache=cache)
+        with pytest.raises(cpu_decode.CompileError, match="C\\+\\+ compiler"):
+            model(torch.tensor([[3]]), cache=cache)

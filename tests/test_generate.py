@@ -4,6 +4,7 @@ batching against decoding alone, the chat cache against a fresh prefill, and the
 import io
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,18 @@ def test_cli_prints_exactly_the_generated_text(tiny_model, native_ckpt):
     assert results[1][1] == text_of(tok, ids) + "\n"
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_cli_compile_prints_the_same_text(tiny_model, native_ckpt):
+    """--compile: one compiled graph per decoded token (cpu_decode.CompiledSteps), the same greedy text."""
+    tok = Tokenizer.from_file(DEBUG_TOKENIZER_PATH)
+    rc, out, err = finish(cli("--ckpt", str(native_ckpt), "--prompt", "I love to", "--temperature", "0",
+                              "--max-new-tokens", "16", "--compile"))
+    assert rc == 0, err
+    ids = gen.generate(tiny_model, [tok.encode("I love to", bos=True)], 16, temperature=0, stop_ids=tok.stop_ids)[0]
+    assert out == text_of(tok, ids) + "\n"
+
+
 def test_main_batch_and_chat(tiny_model, native_ckpt, capsys, monkeypatch):
     tok = Tokenizer.from_file(DEBUG_TOKENIZER_PATH)
     stops, ckpt = tok.stop_ids, str(native_ckpt)
@@ -243,6 +256,8 @@ def test_more_errors_are_clear(native_ckpt, tmp_path, capsys):
         (["--ckpt", ckpt, "--prompt", "hi", "--top-p", "0"], "--top-p"),
         (["--ckpt", ckpt, "--prompt", "hi", "--system", "x"], "--chat"),
         (["--ckpt", ckpt], "nothing to generate"),
+        (["--ckpt", ckpt, "--prompt", "hi", "--prompt", "ho", "--compile"], "single --prompt"),
+        (["--ckpt", ckpt, "--prompt", "hi", "--compile", "--quantize", "int4"], "leave out --quantize"),
     ]
     for args, words in cases:
         with pytest.raises(gen.CliError, match=words):
