@@ -3,8 +3,10 @@
 Both implementations load the same checkpoint (bench/common.py) and do what generation does with a prompt:
 one forward over it that fills a fresh KV cache and returns the next token's logits (ours:
 `generate.prefill`; transformers: a forward with a new `DynamicCache` and `logits_to_keep=1`, as its
-`generate` does). Ours runs twice: as `checkpoint.load_model` returns it, and as generate.py loads it on the
-CPU (`for_decode=True`: weights fused and packed by cpu_decode.py). Runs alternate; the table shows medians.
+`generate` does). Ours runs three times: as `checkpoint.load_model` returns it, as generate.py loads it on the
+CPU (`for_decode=True`: weights fused and packed by cpu_decode.py), and as `generate.py --compile` loads it
+(`compile=True`: fused, not packed; the prompt runs the eager model, only single decoded tokens the compiled
+graph). Runs alternate; the table shows medians.
 
     python bench/prefill.py
     python bench/prefill.py --lengths 512 --dtypes fp32 --repeats 3
@@ -48,22 +50,23 @@ def main() -> None:
             hf, ours = common.load_theirs(path, dtype), common.load_ours(path, dtype)
             import checkpoint
             prepared = checkpoint.load_model(path, dtype=dtype, for_decode=True)
+            unpacked = checkpoint.load_model(path, dtype=dtype, for_decode=True, compile=True)
+            models = {"ours": ours, "for_decode": prepared, "compile": unpacked}
             for i, T in enumerate(a.lengths):
                 prompt = torch.randint(0, hf.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
                 want = prefill_theirs(hf, prompt).float()
-                diff = {name: (prefill_ours(m, prompt).float() - want).abs().max().item()
-                        for name, m in (("ours", ours), ("for_decode", prepared))}
-                times = common.interleaved({"transformers": lambda hf=hf, p=prompt: prefill_theirs(hf, p),
-                                            "ours": lambda ours=ours, p=prompt: prefill_ours(ours, p),
-                                            "for_decode": lambda m=prepared, p=prompt: prefill_ours(m, p)},
+                diff = {name: (prefill_ours(m, prompt).float() - want).abs().max().item() for name, m in models.items()}
+                runs = {name: (lambda m=m, p=prompt: prefill_ours(m, p)) for name, m in models.items()}
+                times = common.interleaved({"transformers": lambda hf=hf, p=prompt: prefill_theirs(hf, p), **runs},
                                            a.repeats, warmup=0)  # the agreement check above warmed all up
                 tps = {k: T / common.median(v) for k, v in times.items()}
                 for name, label in (("transformers", "transformers"), ("ours", "ours, as loaded"),
-                                    ("for_decode", "ours, for_decode (generate.py)")):
+                                    ("for_decode", "ours, for_decode (generate.py)"),
+                                    ("compile", "ours, compile=True (--compile)")):
                     rows.append([dtype_name, T, label, tps[name], f"{tps[name] / tps['transformers']:.2f}x"])
-                print(f"  {dtype_name} {T} tokens: max |logits - transformers'|: as loaded {diff['ours']:.2e}, "
-                      f"for_decode {diff['for_decode']:.2e}", flush=True)
-            del hf, ours, prepared
+                print(f"  {dtype_name} {T} tokens: max |logits - transformers'|: "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()), flush=True)
+            del hf, ours, prepared, unpacked, models
     common.print_table(
         f"Prefill, model {a.model}, tokens/s (batch 1, median of {a.repeats}); {common.machine()}; "
         f"load average {load} -> {common.load_average()}",
