@@ -230,8 +230,9 @@ class CompiledSteps:
     every (1, 1) token with a cache. The graph is compiled at the first step (seconds), and again for a cache
     of another size. Measured on 2 cores (bench/decode.py): ~2x the tokens/s of the packed eager model at
     batch 1, because (a) the weights are read by inductor's own matrix-vector loops (`mv`), faster here than
-    oneDNN's, and (b) the ~300 small ops of a step (norms, RoPE, cache writes, attention, routing) run as a
-    few fused loops, without an ATen call each.
+    oneDNN's, and (b) the ~300 small ops of a layer (norms, RoPE, cache writes, attention, routing) run as a
+    few fused loops, without an ATen call each. Attention reads every slot of the cache, filled or not (that
+    keeps the shapes fixed): a cache much larger than the text costs time at every step.
     """
 
     def __init__(self, model: nn.Module):

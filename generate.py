@@ -366,7 +366,7 @@ def load(a: argparse.Namespace):
         return checkpoint.load_model(a.ckpt, device=a.device, dtype=dtype, quantize=a.quantize,
                                      vision=bool(a.image), for_decode=torch.device(a.device).type == "cpu",
                                      compile=a.compile)
-    except (checkpoint.CheckpointError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # checkpoint.CheckpointError is a ValueError
         raise CliError(f"cannot load {a.ckpt}: {e}") from None
     except ImportError as e:  # --quantize needs quantize.py
         raise CliError(f"--quantize {a.quantize} is not available: {e}") from None

@@ -265,6 +265,16 @@ def test_more_errors_are_clear(native_ckpt, tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_compile_refuses_a_quantized_checkpoint_in_one_line(native_ckpt, tmp_path):
+    """A checkpoint saved quantized (quantize.py) cannot go through the compiled step: the CLI says so."""
+    from quantize import save_quantized
+
+    save_quantized(checkpoint.load_model(native_ckpt, quantize="int4"), tmp_path / "q",
+                   tokenizer=native_ckpt / "tokenizer.model")
+    with pytest.raises(gen.CliError, match="compiled decoding needs every text weight plain"):
+        gen.main(["--ckpt", str(tmp_path / "q"), "--device", "cpu", "--prompt", "hi", "--compile", "--max-new-tokens", "8"])
+
+
 def test_help_reads_like_documentation(capsys):
     with pytest.raises(SystemExit) as e:
         gen.parse_args(["--help"])
