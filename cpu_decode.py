@@ -241,13 +241,14 @@ class CompiledSteps:
         args = model.args
         if args.top_k != 1:
             raise ValueError(f"compiled decoding is for top-1 routing (Llama 4's); this model routes top-{args.top_k}")
+
         def plain(m) -> bool:  # fused by prepare_for_decode and left unpacked
             return isinstance(m, PackedLinear) and not m.packed
 
         for block in model.layers:
             a, ff = block.attention, block.feed_forward
-            swiglu = ff.shared_expert if isinstance(ff, MoE) else ff
-            ok = all(plain(getattr(m, w, None)) for m, w in [(a, "wqkv"), (a, "wo"), (swiglu, "w13"), (swiglu, "w2")])
+            dense = ff.shared_expert if isinstance(ff, MoE) else ff
+            ok = all(plain(getattr(m, w, None)) for m, w in [(a, "wqkv"), (a, "wo"), (dense, "w13"), (dense, "w2")])
             if isinstance(ff, MoE):
                 ok = ok and getattr(ff.experts, "stacks", None) is not None and type(ff.router) is nn.Linear
             if not (ok and plain(model.output)):

@@ -259,7 +259,7 @@ def check_flags(a: argparse.Namespace) -> None:
         raise CliError(f"checkpoint directory not found: {a.ckpt}")
     if a.compile:
         if device.type != "cpu":
-            raise CliError("--compile is for --device cpu (on a GPU the eager kernels are the ones measured)")
+            raise CliError("--compile is for --device cpu (the compiled step is built and measured for the CPU only)")
         if a.quantize:
             raise CliError("--compile decodes unquantized weights: leave out --quantize")
         if len(a.prompt) > 1 or a.prompt_file:
