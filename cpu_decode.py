@@ -258,6 +258,7 @@ class CompiledSteps:
         self.freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
         self.step = torch.compile(one_token, fullgraph=True)  # a second cache size: S made dynamic
         self.compiled = False
+        self.compile_s = 0.0  # wall time of the first step, which compiles (generate.py reports it apart)
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:  # (1, 1) -> logits (1, 1, vocab)
         for c in cache.layers:
@@ -268,6 +269,7 @@ class CompiledSteps:
         pos = cache.next_pos  # (1,)
         angles = pos.float()[:, None] * self.freqs  # (1, head_dim/2)
         layers = cache.layers
+        t0 = time.perf_counter()
         try:
             logits = self.step(self.model, tokens[0], pos, slots, angles.cos(), angles.sin(),
                                [c.k for c in layers], [c.v for c in layers], [c.pos for c in layers])
@@ -277,7 +279,8 @@ class CompiledSteps:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CompileError(f"could not compile the decode step (torch.compile's CPU backend needs a C++ "
                                f"compiler; run without compiling instead): {type(e).__name__}: {first}") from e
-        self.compiled = True
+        if not self.compiled:
+            self.compiled, self.compile_s = True, time.perf_counter() - t0
         for c in layers:
             c.seen += 1
         cache.next_pos = pos + 1

@@ -129,6 +129,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
         cache = model.make_cache(B, max(len(p) for p in prompt_tokens) + max_new_tokens)
     stop = set(int(s) for s in stop_ids)
 
+    compiled = getattr(model, "decode_step", None)  # cpu_decode.CompiledSteps: its first step compiles
+    compiling = compiled.compile_s if compiled is not None else 0.0
     t0 = _clock(device)
     logits = prefill(model, cache, prompt_tokens, image_features=image_features)  # (B, V)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -151,9 +153,10 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
         logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]  # (B, V)
     t2 = _clock(device)
     if stats is not None:
+        compile_s = compiled.compile_s - compiling if compiled is not None else 0.0  # if this call compiled
         stats.update(prefill_tokens=sum(len(p) for p in prompt_tokens), prefill_s=t1 - t0,
                      decode_tokens=sum(len(o) for o in out) - B, decode_steps=max(len(o) for o in out) - 1,
-                     decode_s=t2 - t1)
+                     decode_s=t2 - t1 - compile_s, compile_s=compile_s)
     return out
 
 
@@ -406,6 +409,8 @@ def report(stats: dict, device: torch.device, seed: int | None) -> None:
     line = (f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f} s ({pre:.1f} tok/s) | "
             f"decode {stats['decode_tokens']} tokens in {stats['decode_s']:.2f} s ({dec:.1f} tok/s) | "
             f"{peak_memory(device)}")
+    if stats.get("compile_s"):
+        line += f" | compiling the decode step took {stats['compile_s']:.1f} s (not counted above)"
     if seed is not None:
         line += f" | seed {seed}"
     print(line, file=sys.stderr, flush=True)

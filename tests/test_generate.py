@@ -198,6 +198,7 @@ def test_cli_compile_prints_the_same_text(tiny_model, native_ckpt):
     rc, out, err = finish(cli("--ckpt", str(native_ckpt), "--prompt", "I love to", "--temperature", "0",
                               "--max-new-tokens", "16", "--compile"))
     assert rc == 0, err
+    assert "compiling the decode step took" in err  # reported apart from the decode speed
     ids = gen.generate(tiny_model, [tok.encode("I love to", bos=True)], 16, temperature=0, stop_ids=tok.stop_ids)[0]
     assert out == text_of(tok, ids) + "\n"
 
