@@ -9,11 +9,12 @@ theirs with `Llama4ForCausalLM.from_pretrained`. Reported per loader (medians):
   Imports are excluded (`import transformers`, ~3 s; `import checkpoint`); whatever the load itself imports
   lazily counts (ours builds the model on the meta device without importing torch._dynamo, which costs
   ~1.5 s);
-- ours is measured three times when the dtype is the stored one: as `load_model` runs by default (zero copy:
+- ours is measured four times when the dtype is the stored one: as `load_model` runs by default (zero copy:
   the weights stay views of the memory-mapped file, like transformers'), with `zero_copy=False` (every tensor
-  copied into the process's own memory), and with `for_decode=True` (what generate.py does on the CPU: the
+  copied into the process's own memory), with `for_decode=True` (what generate.py does on the CPU: the
   text weights fused and packed by cpu_decode.prepare_for_decode, each weight's file pages released once
-  packed; the embedding table and the norms stay views);
+  packed; the embedding table and the norms stay views), and with `for_decode=True, compile=True` (what
+  `generate.py --compile` does: fused, not packed, the experts restacked; the graph compiles later);
 - + first read s: the load plus reading every parameter once (a sum). A loader that leaves the weights
   memory-mapped returns quickly and pays when they are first used: this column counts that too;
 - peak RSS: the process's high-water mark (VmHWM, after the first read), and the part above the RSS after
@@ -68,13 +69,14 @@ def child(which: str, path: str, dtype_name: str, threads: int, model: str) -> N
         model = common.load_theirs(path, dtype)
     else:
         model = checkpoint.load_model(path, dtype=dtype, zero_copy=which != "ours-copy",
-                                      for_decode=which == "ours-for-decode")
+                                      for_decode=which.startswith("ours-for-decode"),
+                                      compile=which == "ours-for-decode-compile")
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         total = sum(float(p.sum(dtype=torch.float32)) for p in model.parameters())  # read every byte once
     touched = time.perf_counter() - t0
     peak = rss("VmHWM")
-    if which == "ours-for-decode":  # the fused, packed weights are not parameters (and are read already)
+    if which.startswith("ours-for-decode"):  # the fused (packed) weights are not parameters (and are read already)
         from cpu_decode import packed_weights
         with torch.no_grad():
             total += sum(float(w.to_dense().sum(dtype=torch.float32)) for w in packed_weights(model))
@@ -110,7 +112,8 @@ def main() -> None:
         run_child("write", path, "fp32", a.threads, a.model)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         for dtype_name in a.dtypes:
-            loaders = ["transformers", "ours"] + (["ours-copy", "ours-for-decode"] if dtype_name == "fp32" else [])
+            loaders = ["transformers", "ours"] + (["ours-copy", "ours-for-decode", "ours-for-decode-compile"]
+                                                  if dtype_name == "fp32" else [])
             results = common.interleaved({w: (lambda w=w: run_child(w, path, dtype_name, a.threads))
                                           for w in loaders}, a.repeats, warmup=1)
             sums = {}
@@ -120,7 +123,7 @@ def main() -> None:
                 med = {k: common.median([r[k] for r in runs]) for k in ("seconds", "touched", "peak")}
                 above = common.median([r["peak"] - r["base"] for r in runs])
                 label = {"ours": "ours" if dtype_name != "fp32" else "ours, zero copy", "ours-copy": "ours, copy",
-                         "ours-for-decode": "ours, for_decode"}
+                         "ours-for-decode": "ours, for_decode", "ours-for-decode-compile": "ours, for_decode + compile"}
                 rows.append([dtype_name, label.get(name, name), f"{med['seconds']:.2f}", f"{med['touched']:.2f}",
                              f"{med['peak'] / 2**30:.2f}", f"{above / 2**30:.2f}", f"{above / size:.2f}x"])
             ref = sums["transformers"]
