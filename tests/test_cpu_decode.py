@@ -235,6 +235,9 @@ def test_compiled_steps_refuse_what_they_cannot_run():
         prepare_for_decode(quantize_model(random_model(), "int4"), compile=True)
     with pytest.raises(ValueError, match="compile"):
         cpu_decode.CompiledSteps(prepare_for_decode(random_model()))  # packed weights: opaque to the graph
+    from checkpoint import load_model
+    with pytest.raises(ValueError, match="for_decode"):  # said before looking for the checkpoint
+        load_model("/nonexistent", compile=True)
 
 
 @needs_compiler
