@@ -179,7 +179,7 @@ def one_token(model: nn.Module, token: torch.Tensor, pos: torch.Tensor, slots: t
     position, so the shapes never change while the cache fills; the routed expert is read from the stacks
     at an index computed in the graph.
     """
-    from model import rms_norm, temperature
+    from model import attention_mask, rms_norm, temperature
     from rope import apply_rope_real
 
     h = model.tok_embeddings.weight[token][0]  # (dim,)
@@ -199,9 +199,7 @@ def one_token(model: nn.Module, token: torch.Tensor, pos: torch.Tensor, slots: t
         c_k.index_copy_(0, slot, k.to(c_k.dtype)[None])
         c_v.index_copy_(0, slot, v.to(c_v.dtype)[None])
         c_pos.index_copy_(0, slot, pos)
-        visible = (c_pos >= 0) & (c_pos <= pos)  # (S,)
-        if a.chunk is not None:  # RoPE layers: the query's chunk only
-            visible &= torch.div(c_pos, a.chunk, rounding_mode="floor") == torch.div(pos, a.chunk, rounding_mode="floor")
+        visible = attention_mask(pos[None], c_pos[None], a.chunk)[0, 0, 0]  # (S,): the eager model's rule
         qg = q.float().view(Hkv, H // Hkv, D)  # GQA: query heads grouped by the KV head they share
         scores = torch.einsum("gqd,sgd->gqs", qg, c_k.float()) * D ** -0.5  # (Hkv, H/Hkv, S)
         p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
