@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe  # noqa: E402
 from moe import MoE, update_expert_bias  # noqa: E402
-from rope import apply_rope, llama3_scale, nope_layers, rope_angles, rope_frequencies  # noqa: E402
+from rope import apply_rope, apply_rope_real, llama3_scale, nope_layers, rope_angles, rope_frequencies  # noqa: E402
 
 D, FH, E = 16, 24, 6  # small sizes: model width, expert width, experts
 
@@ -309,6 +309,18 @@ def test_apply_rope_is_an_interleaved_pair_rotation_not_rotate_half():
     # the norm of each pair is kept
     pairs = lambda t: t.reshape(*t.shape[:-1], -1, 2).norm(dim=-1)  # noqa: E731
     torch.testing.assert_close(pairs(ours), pairs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_apply_rope_real_is_the_same_rotation_by_hand():
+    """The real-arithmetic form (for the compiled decode step) against the same by-hand rotation."""
+    torch.manual_seed(0)
+    Dh, positions = 16, [0, 1, 7, 100, 4097]
+    x = torch.randn(5, 3, Dh, dtype=torch.float64)  # (T, H, D)
+    freqs = [10000.0 ** (-2 * i / Dh) for i in range(Dh // 2)]
+    angles = torch.tensor(positions, dtype=torch.float32)[:, None] * torch.tensor(freqs, dtype=torch.float32)
+    ours = apply_rope_real(x.float(), angles.cos()[:, None], angles.sin()[:, None]).double()  # over heads
+    expected = rotate_pairs_by_hand(x[None], positions, freqs)[0]
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
 
 
 def test_apply_rope_keeps_bf16_and_rotates_in_fp32():
