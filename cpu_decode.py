@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe import Experts, FeedForward, MoE
+from rope import rope_angles, rope_frequencies
 
 
 def packs(dtype: torch.dtype) -> bool:
@@ -237,8 +238,6 @@ class CompiledSteps:
     """
 
     def __init__(self, model: nn.Module):
-        from rope import rope_frequencies
-
         args = model.args
         if args.top_k != 1:
             raise ValueError(f"compiled decoding is for top-1 routing (Llama 4's); this model routes top-{args.top_k}")
@@ -262,17 +261,13 @@ class CompiledSteps:
         self.compile_s = 0.0  # wall time of the first step, which compiles (generate.py reports it apart)
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:  # (1, 1) -> logits (1, 1, vocab)
-        for c in cache.layers:
-            if not c.ring and c.seen >= c.size:
-                raise ValueError(f"KV cache is full: {c.seen} + 1 tokens > {c.size} slots "
-                                 "(make the cache with a larger max_len)")
-        slots = torch.tensor([c.seen % c.size for c in cache.layers])
-        pos = cache.next_pos  # (1,)
-        angles = pos.float()[:, None] * self.freqs  # (1, head_dim/2)
         layers = cache.layers
+        slots = torch.tensor([c.next_slot() for c in layers])  # (refuses a full cache)
+        pos = cache.next_pos  # (1,)
+        cis = rope_angles(pos, self.freqs)  # (1, head_dim/2), complex: cos + i sin
         t0 = time.perf_counter()
         try:
-            logits = self.step(self.model, tokens[0], pos, slots, angles.cos(), angles.sin(),
+            logits = self.step(self.model, tokens[0], pos, slots, cis.real, cis.imag,
                                [c.k for c in layers], [c.v for c in layers], [c.pos for c in layers])
         except Exception as e:
             if self.compiled:

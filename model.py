@@ -132,15 +132,19 @@ class KVCache:
         self.pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
         self.size, self.ring, self.seen = size, ring, 0
 
+    def next_slot(self, T: int = 1) -> int:
+        """The slot where the next T tokens start; refuses them if a (non-ring) cache has no room."""
+        if not self.ring and self.seen + T > self.size:
+            raise ValueError(f"KV cache is full: {self.seen} + {T} tokens > {self.size} slots "
+                             "(make the cache with a larger max_len)")
+        return self.seen % self.size
+
     def _write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         T = k.shape[1]
         if T > self.size:  # only the newest `size` slots survive in a ring
             self.seen += T - self.size
             k, v, pos, T = k[:, -self.size:], v[:, -self.size:], pos[:, -self.size:], self.size
-        if not self.ring and self.seen + T > self.size:
-            raise ValueError(f"KV cache is full: {self.seen} + {T} tokens > {self.size} slots "
-                             "(make the cache with a larger max_len)")
-        start = self.seen % self.size
+        start = self.next_slot(T)
         if start + T <= self.size:  # contiguous slots (every decode step): a slice, half the cost of indexing
             slots = slice(start, start + T)
         else:  # wrapping around the ring
